@@ -1,0 +1,1 @@
+"""``clearipctl``: manage the running proxy (trust list, emergency numbers, status)."""
