@@ -1,0 +1,1 @@
+"""The SIP stack: messages, URIs, transactions. Pure code: no sockets, no clock."""

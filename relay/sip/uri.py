@@ -1,0 +1,171 @@
+"""SIP, SIPS and tel URIs (RFC 3261 §19.1, RFC 3966), parsed on demand.
+
+A URI keeps its original text; ``str(uri)`` returns it unchanged unless a field was edited, so a
+proxy never rewrites a URI it only read. Other schemes are kept as opaque text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from clearip.relay.sip.errors import SipParseError
+
+_sip_re = re.compile(
+    r"(?P<scheme>sips?):(?:(?P<userinfo>[^@]*)@)?"
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-_.]+)(?::(?P<port>\d{1,5}))?"
+    r"(?P<params>(?:;[^;?\s]*)*)(?:\?(?P<headers>\S*))?",
+    re.IGNORECASE,
+)
+_tel_re = re.compile(r"tel:(?P<number>[^;\s]+)(?P<params>(?:;[^;\s]*)*)", re.IGNORECASE)
+MAX_PORT = 65535
+
+
+def _params(text: str) -> list[tuple[str, str | None]]:
+    out: list[tuple[str, str | None]] = []
+    for item in text.split(";")[1:]:
+        if not item:
+            raise SipParseError("empty URI parameter", "uri")
+        name, sep, value = item.partition("=")
+        out.append((name, value if sep else None))
+    return out
+
+
+@dataclass(slots=True)
+class SipUri:
+    """``sip:user:password@host:port;params?headers``."""
+
+    scheme: str
+    user: str | None
+    password: str | None
+    host: str
+    port: int | None
+    params: list[tuple[str, str | None]] = field(default_factory=list)
+    headers: str | None = None
+
+    def param(self, name: str) -> str | None:
+        """A parameter's value ('' for a flag such as ``lr``), or None when absent."""
+        lname = name.lower()
+        for key, value in self.params:
+            if key.lower() == lname:
+                return "" if value is None else value
+        return None
+
+    def has_param(self, name: str) -> bool:
+        return self.param(name) is not None
+
+    @property
+    def transport(self) -> str:
+        value = self.param("transport")
+        if value:
+            return value.lower()
+        return "tls" if self.scheme == "sips" else "udp"
+
+    @property
+    def host_bare(self) -> str:
+        """The host without IPv6 brackets."""
+        return self.host[1:-1] if self.host.startswith("[") else self.host
+
+    def __str__(self) -> str:
+        out = [self.scheme, ":"]
+        if self.user is not None:
+            out.append(self.user)
+            if self.password is not None:
+                out += [":", self.password]
+            out.append("@")
+        out.append(self.host)
+        if self.port is not None:
+            out += [":", str(self.port)]
+        for name, value in self.params:
+            out += [";", name] if value is None else [";", name, "=", value]
+        if self.headers is not None:
+            out += ["?", self.headers]
+        return "".join(out)
+
+
+@dataclass(slots=True)
+class TelUri:
+    """``tel:+1-212-555-0100;phone-context=...``."""
+
+    number: str
+    params: list[tuple[str, str | None]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        out = ["tel:", self.number]
+        for name, value in self.params:
+            out += [";", name] if value is None else [";", name, "=", value]
+        return "".join(out)
+
+
+@dataclass(slots=True)
+class OtherUri:
+    """Any other scheme (``http:``, ``urn:``...): kept as text."""
+
+    text: str
+
+    @property
+    def scheme(self) -> str:
+        return self.text.partition(":")[0].lower()
+
+    def __str__(self) -> str:
+        return self.text
+
+
+Uri = SipUri | TelUri | OtherUri
+
+
+def parse_uri(text: str) -> Uri:
+    """Parse a URI; a malformed sip/sips/tel URI raises :class:`SipParseError`."""
+    scheme, sep, _ = text.partition(":")
+    if not sep or not scheme:
+        raise SipParseError(f"not a URI: {text[:60]!r}", "uri")
+    lscheme = scheme.lower()
+    if lscheme in ("sip", "sips"):
+        return parse_sip_uri(text)
+    if lscheme == "tel":
+        m = _tel_re.fullmatch(text)
+        if m is None:
+            raise SipParseError(f"malformed tel URI {text[:60]!r}", "uri")
+        return TelUri(m.group("number"), _params(m.group("params")))
+    if any(c.isspace() for c in text):
+        raise SipParseError(f"whitespace in URI {text[:60]!r}", "uri")
+    return OtherUri(text)
+
+
+def parse_sip_uri(text: str) -> SipUri:
+    # The user part may hold almost anything (even '?', ';' and ':'), but '@' cannot appear
+    # unescaped after it, so the last '@' ends the userinfo.
+    scheme, _, rest = text.partition(":")
+    userinfo: str | None = None
+    if "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+    m = _sip_re.fullmatch(f"{scheme}:{rest}")
+    if m is None:
+        raise SipParseError(f"malformed SIP URI {text[:60]!r}", "uri")
+    user = password = None
+    if userinfo is not None:
+        if not userinfo:
+            raise SipParseError("empty user part in SIP URI", "uri")
+        user, sep, pw = userinfo.partition(":")
+        password = pw if sep else None
+    port = int(m.group("port")) if m.group("port") else None
+    if port is not None and not 0 < port <= MAX_PORT:
+        raise SipParseError(f"port out of range in {text[:60]!r}", "uri")
+    return SipUri(
+        m.group("scheme").lower(),
+        user,
+        password,
+        m.group("host"),
+        port,
+        _params(m.group("params")),
+        m.group("headers"),
+    )
+
+
+def uri_user_number(uri: Uri) -> str | None:
+    """The dialled number: the user of a SIP URI, or the number of a tel URI."""
+    if isinstance(uri, SipUri):
+        return uri.user
+    if isinstance(uri, TelUri):
+        return uri.number
+    return None
