@@ -37,7 +37,8 @@ INVITE = (
 RINGING = (
     b"SIP/2.0 180 Ringing\r\n"
     b"Via: SIP/2.0/UDP 203.0.113.5:5060;branch=z9hG4bKcl1p.0a1b2c3d4e5f\r\n"
-    b"Via: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bK-524287-1---7a6b5c4d3e2f1a0b;rport=5060;received=192.0.2.10\r\n"
+    b"Via: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bK-524287-1---7a6b5c4d3e2f1a0b"
+    b";rport=5060;received=192.0.2.10\r\n"
     b"Record-Route: <sip:203.0.113.5;lr>\r\n"
     b'From: "Acme Corp" <sip:+14045550100@192.0.2.10>;tag=8a7b6c5d\r\n'
     b"To: <sip:+12125550100@198.51.100.7;user=phone>;tag=as5e6f7a8b\r\n"

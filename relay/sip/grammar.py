@@ -31,7 +31,8 @@ address_re = re.compile(
 )
 
 via_re = re.compile(
-    rf"{WS}SIP{WS}/{WS}2\.0{WS}/{WS}({TOKEN}){WS}[ \t]({HOST})(?:{WS}:{WS}(\d{{1,5}}))?({PARAMS}){WS}",
+    rf"{WS}SIP{WS}/{WS}2\.0{WS}/{WS}({TOKEN}){WS}[ \t]({HOST})"
+    rf"(?:{WS}:{WS}(\d{{1,5}}))?({PARAMS}){WS}",
     re.ASCII,
 )
 
