@@ -135,6 +135,8 @@ def parse_uri(text: str) -> Uri:
 def parse_sip_uri(text: str) -> SipUri:
     # The user part may hold almost anything (even '?', ';' and ':'), but '@' cannot appear
     # unescaped after it, so the last '@' ends the userinfo.
+    if " " in text or "\t" in text:
+        raise SipParseError(f"whitespace in SIP URI {text[:60]!r}", "uri")
     scheme, _, rest = text.partition(":")
     userinfo: str | None = None
     if "@" in rest:

@@ -1,0 +1,524 @@
+"""The SIP endpoint: UDP, TCP and TLS listeners and outbound connections, on asyncio.
+
+A thin shell around the sans-IO stack: it reads bytes, frames and parses them, and hands each
+message to one handler with the :class:`Peer` it came from; it writes what it is told to send.
+It also enforces what must be enforced before any parsing:
+
+- the source check (``is_trusted``) on every UDP datagram and every accepted connection:
+  untrusted datagrams are dropped silently, untrusted connections closed; both counted;
+- limits: message size, connections in total and per source, a deadline for a started message;
+- malformed input: a request that can be answered gets 400 naming the problem, the rest is
+  dropped; a stream whose framing breaks is closed. Every outcome increments a counter.
+
+UDP is read with ``recvmsg`` in batches so the IP TOS / IPv6 traffic class is visible: datagrams
+the kernel filter marked DSCP EF (emergency INVITEs) are handled first within each batch.
+Outbound stream connections are reused per peer (RFC 5923 style) and idle ones are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import logging
+import socket
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+
+from clearip.relay.sip.badrequest import build_bad_request
+from clearip.relay.sip.errors import SipParseError
+from clearip.relay.sip.framing import PONG, Ping, StreamFramer
+from clearip.relay.sip.message import Message, Request, Response
+from clearip.relay.sip.parser import DEFAULT_LIMITS, Limits, parse_message
+from clearip.relay.transport.peer import STREAM_TRANSPORTS, ListenerSpec, LocalAddress, Peer
+
+log = logging.getLogger("clearip.transport")
+
+Handler = Callable[[Request | Response, Peer], None]
+SendErrorHandler = Callable[[Message, Peer, str], None]
+
+DSCP_EF = 46
+_IP_RECVTOS = getattr(socket, "IP_RECVTOS", 13)
+_IPV6_RECVTCLASS = getattr(socket, "IPV6_RECVTCLASS", 66)
+_IPV6_TCLASS = getattr(socket, "IPV6_TCLASS", 67)
+_CMSG_SPACE = socket.CMSG_SPACE(4) * 2
+_UDP_BATCH = 64
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def response_peer(request: Request, source: Peer) -> Peer:
+    """Where a response to ``request`` goes: back on the same connection for streams; for UDP
+    the source address and port (RFC 3581 rport behaviour, which also survives NAT)."""
+    if source.reliable:
+        return source
+    via = request.top_via
+    maddr = via.param("maddr")
+    if maddr:
+        return Peer("udp", maddr, via.response_address()[1])
+    return Peer("udp", source.host, source.port)
+
+
+def _dscp(ancdata: list[tuple[int, int, bytes]]) -> int:
+    """The DSCP of a datagram from its IP_TOS / IPV6_TCLASS control message (0 if absent)."""
+    for level, kind, value in ancdata:
+        if level == socket.IPPROTO_IP and kind == socket.IP_TOS and value:
+            return value[0] >> 2
+        if level == socket.IPPROTO_IPV6 and kind == _IPV6_TCLASS and value:
+            return int.from_bytes(value[:4], "little") >> 2
+    return 0
+
+
+class _UdpSocket:
+    """One bound UDP socket, read in batches with the TOS byte of each datagram."""
+
+    def __init__(self, endpoint: SipEndpoint, sock: socket.socket, local: LocalAddress) -> None:
+        self.endpoint = endpoint
+        self.sock = sock
+        self.local = local
+        self.family = sock.family
+
+    def on_readable(self) -> None:
+        batch: list[tuple[bytes, Peer, bool]] = []
+        sock = self.sock
+        for _ in range(_UDP_BATCH):
+            try:
+                data, ancdata, _flags, address = sock.recvmsg(65535, _CMSG_SPACE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
+                self.endpoint.counters["udp_recv_error"] += 1
+                log.debug("UDP receive error: %s", exc)
+                break
+            marked = bool(ancdata) and _dscp(ancdata) == DSCP_EF
+            batch.append((data, Peer("udp", address[0], address[1]), marked))
+        if any(marked for _, _, marked in batch):
+            self.endpoint.counters["udp_dscp_ef_received"] += 1
+            batch.sort(key=lambda item: not item[2])
+        for data, peer, _ in batch:
+            self.endpoint.datagram_received(data, peer, self)
+
+    def sendto(self, data: bytes, host: str, port: int) -> None:
+        self.sock.sendto(data, (host, port))
+
+
+class StreamConnection(asyncio.Protocol):
+    """One TCP or TLS connection, inbound or outbound."""
+
+    def __init__(self, endpoint: SipEndpoint, transport_name: str, inbound: bool) -> None:
+        self.endpoint = endpoint
+        self.name = transport_name
+        self.inbound = inbound
+        self.id = next(endpoint.conn_ids)
+        self.framer = StreamFramer(endpoint.limits)
+        self.transport: asyncio.Transport | None = None
+        self.peer = Peer(transport_name, "", 0, self.id)
+        self.last_activity = time.monotonic()
+        self.deadline: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        remote = transport.get_extra_info("peername") or ("", 0)
+        self.peer = Peer(self.name, remote[0], remote[1], self.id)
+        if self.inbound and not self.endpoint.accept_connection(self):
+            transport.abort()
+            self.closed = True
+            return
+        self.endpoint.register(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        endpoint = self.endpoint
+        try:
+            items = self.framer.feed(data)
+        except SipParseError as exc:
+            endpoint.counters[f"stream_closed_{exc.kind}"] += 1
+            log.info("closing %s: %s", self.peer, exc.reason)
+            self.close()
+            return
+        for item in items:
+            if isinstance(item, Ping):
+                self.write(PONG)
+            else:
+                endpoint.message_received(item, self.peer, datagram=False)
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        if self.framer.pending and self.deadline is None:
+            loop = asyncio.get_running_loop()
+            self.deadline = loop.call_later(self.endpoint.message_deadline, self._deadline_passed)
+        elif not self.framer.pending and self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def _deadline_passed(self) -> None:
+        self.deadline = None
+        if self.framer.pending:
+            self.endpoint.counters["stream_closed_incomplete"] += 1
+            log.info("closing %s: no complete message within the deadline", self.peer)
+            self.close()
+
+    def write(self, data: bytes) -> bool:
+        if self.transport is None or self.closed or self.transport.is_closing():
+            return False
+        self.last_activity = time.monotonic()
+        self.transport.write(data)
+        return True
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.endpoint.unregister(self)
+
+
+class SipEndpoint:
+    """Listeners plus outbound connections; see the module docstring."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        tls_server: ssl.SSLContext | None = None,
+        tls_client: ssl.SSLContext | None = None,
+        counters: Counter[str] | None = None,
+        is_trusted: Callable[[str], bool] | None = None,
+        on_send_error: SendErrorHandler | None = None,
+        on_connection_lost: Callable[[Peer], None] | None = None,
+        max_connections: int = 4096,
+        max_connections_per_source: int = 64,
+        message_deadline: float = 10.0,
+        idle_timeout: float = 600.0,
+    ) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.tls_server = tls_server
+        self.tls_client = tls_client
+        self.counters: Counter[str] = counters if counters is not None else Counter()
+        self.is_trusted = is_trusted
+        self.on_send_error = on_send_error
+        self.on_connection_lost = on_connection_lost
+        self.max_connections = max_connections
+        self.max_connections_per_source = max_connections_per_source
+        self.message_deadline = message_deadline
+        self.idle_timeout = idle_timeout
+        self.conn_ids = itertools.count(1)
+        self.connections: dict[int, StreamConnection] = {}
+        self._by_address: dict[tuple[str, str, int], StreamConnection] = {}
+        self._per_source: Counter[str] = Counter()
+        self._connecting: dict[tuple[str, str, int], asyncio.Task[StreamConnection]] = {}
+        self._udp: list[_UdpSocket] = []
+        self._servers: list[asyncio.AbstractServer] = []
+        self.locals: list[LocalAddress] = []
+        self._route_cache: dict[str, str] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    # -- listeners ----------------------------------------------------------------------------
+    async def listen(self, spec: ListenerSpec) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        transport = spec.transport.lower()
+        family = socket.AF_INET6 if ":" in spec.address else socket.AF_INET
+        if transport == "udp":
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVTCLASS, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_RECVTOS, 1)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+            sock.bind((spec.address, spec.port))
+            sock.setblocking(False)
+            bound = sock.getsockname()[:2]
+            local = LocalAddress("udp", spec.advertise or bound[0], bound[1])
+            udp = _UdpSocket(self, sock, local)
+            loop.add_reader(sock, udp.on_readable)
+            self._udp.append(udp)
+        elif transport in STREAM_TRANSPORTS:
+            context = None
+            if transport == "tls":
+                context = self.tls_server
+                if spec.certificate and spec.private_key:
+                    from clearip.relay.transport.tls import server_context
+
+                    context = server_context(spec.certificate, spec.private_key)
+                if context is None:
+                    raise ValueError("a TLS listener needs a certificate and a private key")
+            server = await loop.create_server(
+                lambda: StreamConnection(self, transport, inbound=True),
+                host=spec.address,
+                port=spec.port,
+                family=family,
+                ssl=context,
+                reuse_address=True,
+                backlog=1024,
+            )
+            self._servers.append(server)
+            bound = server.sockets[0].getsockname()[:2]
+            local = LocalAddress(transport, spec.advertise or bound[0], bound[1])
+        else:
+            raise ValueError(f"unknown transport {spec.transport!r}")
+        self.locals.append(local)
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_idle())
+        return bound[0], bound[1]
+
+    def local_for(self, transport: str, remote_host: str | None = None) -> LocalAddress:
+        """Our address for Via/Record-Route on ``transport`` towards ``remote_host``."""
+        transport = transport.lower()
+        want_v6 = remote_host is not None and ":" in remote_host
+        candidates = [a for a in self.locals if a.transport == transport] or [
+            a for a in self.locals if a.transport == "udp"
+        ]
+        if not candidates:
+            candidates = self.locals
+        if not candidates:
+            return LocalAddress(transport, "127.0.0.1", 5060)
+        chosen = next((a for a in candidates if (":" in a.host) == want_v6), candidates[0])
+        if chosen.host in ("0.0.0.0", "::") and remote_host is not None:
+            host = self._source_address_for(remote_host)
+            return LocalAddress(chosen.transport, host, chosen.port)
+        return chosen
+
+    def _source_address_for(self, remote_host: str) -> str:
+        """The address the kernel would send from towards ``remote_host`` (cached)."""
+        cached = self._route_cache.get(remote_host)
+        if cached is not None:
+            return cached
+        family = socket.AF_INET6 if ":" in remote_host else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.connect((remote_host, 9))
+                address = str(probe.getsockname()[0])
+        except OSError:
+            address = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+        if len(self._route_cache) > 4096:
+            self._route_cache.clear()
+        self._route_cache[remote_host] = address
+        return address
+
+    # -- receiving ----------------------------------------------------------------------------
+    def datagram_received(self, data: bytes, peer: Peer, sock: _UdpSocket) -> None:
+        if self.is_trusted is not None and not self.is_trusted(peer.host):
+            self.counters["untrusted_dropped"] += 1
+            return
+        if data.strip(b"\r\n") == b"":
+            self.counters["udp_keepalive"] += 1
+            return
+        self.message_received(data, peer, datagram=True)
+
+    def message_received(self, data: bytes, peer: Peer, *, datagram: bool) -> None:
+        try:
+            message = parse_message(data, limits=self.limits, datagram=datagram)
+        except SipParseError as exc:
+            self.counters[f"parse_error_{exc.kind}"] += 1
+            answer = build_bad_request(data, exc.reason)
+            if answer is None:
+                self.counters["malformed_dropped"] += 1
+                log.debug("dropped malformed message from %s: %s", peer, exc.reason)
+                return
+            self.counters["bad_request_sent"] += 1
+            self.send_bytes(answer, peer)
+            return
+        try:
+            self.handler(message, peer)
+        except SipParseError as exc:
+            # A lazily parsed header turned out malformed deep in the handler.
+            self.counters[f"parse_error_{exc.kind}"] += 1
+            if isinstance(message, Request) and message.method != "ACK":
+                answer = build_bad_request(data, exc.reason)
+                if answer is not None:
+                    self.send_bytes(answer, peer)
+
+    # -- connections --------------------------------------------------------------------------
+    def accept_connection(self, conn: StreamConnection) -> bool:
+        host = conn.peer.host
+        if self.is_trusted is not None and not self.is_trusted(host):
+            self.counters["untrusted_connection_closed"] += 1
+            return False
+        if len(self.connections) >= self.max_connections:
+            self.counters["connection_limit_closed"] += 1
+            log.warning("connection limit %d reached: refusing %s", self.max_connections, conn.peer)
+            return False
+        if self._per_source[host] >= self.max_connections_per_source:
+            self.counters["connection_per_source_limit_closed"] += 1
+            return False
+        return True
+
+    def register(self, conn: StreamConnection) -> None:
+        self.connections[conn.id] = conn
+        self._per_source[conn.peer.host] += 1
+        self._by_address.setdefault((conn.name, conn.peer.host, conn.peer.port), conn)
+
+    def unregister(self, conn: StreamConnection) -> None:
+        if self.connections.pop(conn.id, None) is None:
+            return
+        self._per_source[conn.peer.host] -= 1
+        if self._per_source[conn.peer.host] <= 0:
+            del self._per_source[conn.peer.host]
+        key = (conn.name, conn.peer.host, conn.peer.port)
+        if self._by_address.get(key) is conn:
+            del self._by_address[key]
+        if self.on_connection_lost is not None:
+            self.on_connection_lost(conn.peer)
+
+    async def connect(
+        self, peer: Peer, *, server_name: str | None = None, timeout: float = 5.0
+    ) -> Peer:
+        """Open (or reuse) a stream connection to ``peer``; returns the peer with its conn id."""
+        conn = await self._connection_to(peer, server_name=server_name, timeout=timeout)
+        return conn.peer
+
+    async def _connection_to(
+        self, peer: Peer, *, server_name: str | None = None, timeout: float = 5.0
+    ) -> StreamConnection:
+        key = (peer.transport, peer.host, peer.port)
+        existing = self._by_address.get(key)
+        if existing is not None and not existing.closed:
+            return existing
+        task = self._connecting.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._open(peer, server_name, timeout))
+            self._connecting[key] = task
+            task.add_done_callback(lambda _t: self._connecting.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _open(self, peer: Peer, server_name: str | None, timeout: float) -> StreamConnection:
+        loop = asyncio.get_running_loop()
+        context = None
+        if peer.transport == "tls":
+            context = self.tls_client
+            if context is None:
+                from clearip.relay.transport.tls import client_context
+
+                context = self.tls_client = client_context()
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: StreamConnection(self, peer.transport, inbound=False),
+                host=peer.host,
+                port=peer.port,
+                ssl=context,
+                server_hostname=(server_name or peer.host) if context is not None else None,
+            ),
+            timeout,
+        )
+        self._by_address[(peer.transport, peer.host, peer.port)] = conn
+        return conn
+
+    async def _sweep_idle(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, self.idle_timeout / 2))
+            cutoff = time.monotonic() - self.idle_timeout
+            for conn in list(self.connections.values()):
+                if conn.inbound and conn.last_activity < cutoff:
+                    self.counters["stream_closed_idle"] += 1
+                    conn.close()
+
+    # -- sending ------------------------------------------------------------------------------
+    def send(self, message: Message, peer: Peer) -> None:
+        """Send without waiting; failures go to ``on_send_error`` and the counters."""
+        data = message.to_bytes()
+        if peer.transport == "udp":
+            if not is_ip(peer.host):
+                self._spawn(self._resolve_and_send(message, data, peer))
+                return
+            if not self._sendto(data, peer):
+                self._send_failed(message, peer, "UDP send failed")
+            return
+        conn = self.connections.get(peer.conn) if peer.conn is not None else None
+        if conn is None or conn.closed:
+            conn = self._by_address.get((peer.transport, peer.host, peer.port))
+        if conn is not None and conn.write(data):
+            return
+        # No usable connection (for a response: the request's connection has gone, so open a
+        # new one to the same address, RFC 3261 §18.2.2).
+        self._spawn(self._connect_and_send(message, data, peer))
+
+    def _spawn(self, coroutine: Coroutine[object, object, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def send_bytes(self, data: bytes, peer: Peer) -> None:
+        if peer.transport == "udp":
+            self._sendto(data, peer)
+            return
+        conn = self.connections.get(peer.conn) if peer.conn is not None else None
+        if conn is not None:
+            conn.write(data)
+
+    def _sendto(self, data: bytes, peer: Peer) -> bool:
+        want_v6 = ":" in peer.host
+        for udp in self._udp:
+            if (udp.family == socket.AF_INET6) == want_v6:
+                try:
+                    udp.sendto(data, peer.host, peer.port)
+                except OSError as exc:
+                    self.counters["udp_send_error"] += 1
+                    log.debug("UDP send to %s failed: %s", peer, exc)
+                    return False
+                return True
+        self.counters["udp_no_socket"] += 1
+        return False
+
+    async def _resolve_and_send(self, message: Message, data: bytes, peer: Peer) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(peer.host, peer.port, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            self._send_failed(message, peer, f"cannot resolve {peer.host}: {exc}")
+            return
+        host = str(infos[0][4][0])
+        if not self._sendto(data, Peer("udp", host, peer.port)):
+            self._send_failed(message, peer, "UDP send failed")
+
+    async def _connect_and_send(self, message: Message, data: bytes, peer: Peer) -> None:
+        try:
+            conn = await self._connection_to(peer.without_conn())
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
+            self._send_failed(message, peer, f"cannot connect to {peer}: {exc}")
+            return
+        if not conn.write(data):
+            self._send_failed(message, peer, f"connection to {peer} closed")
+
+    def _send_failed(self, message: Message, peer: Peer, reason: str) -> None:
+        self.counters["send_failed"] += 1
+        log.info("%s", reason)
+        if self.on_send_error is not None:
+            self.on_send_error(message, peer, reason)
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        loop = asyncio.get_running_loop()
+        for udp in self._udp:
+            loop.remove_reader(udp.sock)
+            udp.sock.close()
+        self._udp.clear()
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections.values()):
+            conn.close()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._servers.clear()
