@@ -27,6 +27,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
+from typing import cast
 
 from clearip.relay.sip.badrequest import build_bad_request
 from clearip.relay.sip.errors import SipParseError
@@ -38,6 +39,8 @@ from clearip.relay.transport.peer import STREAM_TRANSPORTS, ListenerSpec, LocalA
 log = logging.getLogger("clearip.transport")
 
 Handler = Callable[[Request | Response, Peer], None]
+# A tracer sees every parsed message in ("in") and every message out ("out"), with the peer.
+Tracer = Callable[[str, Message, Peer], None]
 SendErrorHandler = Callable[[Message, Peer, str], None]
 
 DSCP_EF = 46
@@ -127,12 +130,12 @@ class StreamConnection(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses but behave like them.
+        self.transport = cast(asyncio.Transport, transport)
         remote = transport.get_extra_info("peername") or ("", 0)
         self.peer = Peer(self.name, remote[0], remote[1], self.id)
         if self.inbound and not self.endpoint.accept_connection(self):
-            transport.abort()
+            self.transport.abort()
             self.closed = True
             return
         self.endpoint.register(self)
@@ -230,6 +233,8 @@ class SipEndpoint:
         self._route_cache: dict[str, str] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[None]] = set()
+        # Tracing costs one attribute check per message when nobody traces.
+        self.tracer: Tracer | None = None
 
     # -- listeners ----------------------------------------------------------------------------
     async def listen(self, spec: ListenerSpec) -> tuple[str, int]:
@@ -339,6 +344,8 @@ class SipEndpoint:
             self.counters["bad_request_sent"] += 1
             self.send_bytes(answer, peer)
             return
+        if self.tracer is not None:
+            self.tracer("in", message, peer)
         try:
             self.handler(message, peer)
         except SipParseError as exc:
@@ -436,6 +443,8 @@ class SipEndpoint:
     # -- sending ------------------------------------------------------------------------------
     def send(self, message: Message, peer: Peer) -> None:
         """Send without waiting; failures go to ``on_send_error`` and the counters."""
+        if self.tracer is not None:
+            self.tracer("out", message, peer)
         data = message.to_bytes()
         if peer.transport == "udp":
             if not is_ip(peer.host):

@@ -1,0 +1,268 @@
+"""The daemon: wires the sans-IO proxy core to sockets, timers, ClearIP links and signals.
+
+Everything that decides lives in :mod:`clearip.relay.proxy`; this module only performs the
+effects the core returns (send, start/cancel timers, log a call) and feeds it events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from clearip.relay.config import ProxyConfig
+from clearip.relay.emergency import EmergencyNumbers
+from clearip.relay.proxy.core import ProxyCore
+from clearip.relay.proxy.effects import CallFinished, CancelTimer, Effect, Send, StartTimer
+from clearip.relay.proxy.routing import Locality
+from clearip.relay.sip.message import Message, Request, Response
+from clearip.relay.transport.endpoint import SipEndpoint
+from clearip.relay.transport.peer import LocalAddress, Peer
+from clearip.relay.transport.tls import client_context
+from clearip.relay.trust import Role, TrustList, load_trust_file
+from clearip.relay.upstream import UpstreamLink
+
+log = logging.getLogger("clearip.daemon")
+calls_log = logging.getLogger("clearip.calls")
+
+
+class Daemon:
+    def __init__(self, config: ProxyConfig, trust: TrustList | None = None) -> None:
+        self.config = config
+        self.trust = trust if trust is not None else load_trust_file(config.trust_file)
+        self.emergency = EmergencyNumbers(config.emergency_numbers)
+        self.counters: Counter[str] = Counter()
+        self.started = time.time()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._timers: dict[tuple[Any, ...], asyncio.TimerHandle] = {}
+        self._stopping = asyncio.Event()
+        # Called with each call's summary (the demo and tests listen here).
+        self.call_listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.endpoint = SipEndpoint(
+            self._on_message,
+            counters=self.counters,
+            is_trusted=self._is_trusted,
+            on_send_error=self._on_send_error,
+            on_connection_lost=self._on_connection_lost,
+            tls_client=client_context(
+                config.outbound.ca_file or None, verify=config.outbound.verify
+            )
+            if config.outbound.transport == "tls"
+            else None,
+        )
+        self.links: dict[Role, UpstreamLink] = {}
+        outbound = UpstreamLink(
+            "outbound", config.outbound, self.endpoint, lambda: self._upstream_down(Role.SWITCH)
+        )
+        self.links[Role.SWITCH] = outbound
+        if config.inbound == config.outbound:
+            self.links[Role.PROVIDER] = outbound
+        else:
+            self.links[Role.PROVIDER] = UpstreamLink(
+                "inbound",
+                config.inbound,
+                self.endpoint,
+                lambda: self._upstream_down(Role.PROVIDER),
+            )
+        self.locality = Locality(hosts=set(), ports=set())
+        self.core = ProxyCore(
+            config,
+            role_of=self.trust.role_of,
+            emergency=lambda: self.emergency,
+            locality=self.locality,
+            local_for=self._local_for,
+            upstream=self._upstream_peer,
+            clock=time.monotonic,
+            counters=self.counters,
+        )
+
+    # -- wiring --------------------------------------------------------------------------------
+    def _is_trusted(self, host: str) -> bool:
+        if self.trust.role_of(host) is not None:
+            return True
+        return any(link.peer is not None and link.peer.host == host for link in self.links.values())
+
+    def _local_for(self, transport: str, remote: str | None) -> LocalAddress:
+        return self.endpoint.local_for(transport, remote)
+
+    def _upstream_peer(self, role: Role) -> Peer | None:
+        return self.links[role].peer
+
+    def _on_message(self, message: Request | Response, peer: Peer) -> None:
+        self._apply(self.core.on_message(message, peer))
+
+    def _on_send_error(self, message: Message, peer: Peer, reason: str) -> None:
+        self._apply(self.core.on_send_error(message, peer, reason))
+
+    def _on_connection_lost(self, peer: Peer) -> None:
+        for link in set(self.links.values()):
+            link.connection_lost(peer)
+
+    def _upstream_down(self, role: Role) -> None:
+        effects = self.core.on_upstream_down(role)
+        if self.links[Role.SWITCH] is self.links[Role.PROVIDER]:
+            other = Role.PROVIDER if role is Role.SWITCH else Role.SWITCH
+            effects += self.core.on_upstream_down(other)
+        self._apply(effects)
+
+    def _apply(self, effects: list[Effect]) -> None:
+        loop = self.loop
+        assert loop is not None
+        for effect in effects:
+            if isinstance(effect, Send):
+                self.endpoint.send(effect.message, effect.peer)
+            elif isinstance(effect, StartTimer):
+                old = self._timers.pop(effect.key, None)
+                if old is not None:
+                    old.cancel()
+                self._timers[effect.key] = loop.call_later(effect.delay, self._fire, effect.key)
+            elif isinstance(effect, CancelTimer):
+                handle = self._timers.pop(effect.key, None)
+                if handle is not None:
+                    handle.cancel()
+            elif isinstance(effect, CallFinished):
+                self._log_call(effect.summary)
+
+    def _fire(self, key: tuple[Any, ...]) -> None:
+        self._timers.pop(key, None)
+        self._apply(self.core.on_timer(key))
+
+    def _log_call(self, summary: dict[str, Any]) -> None:
+        for listener in self.call_listeners:
+            listener(summary)
+        if self.config.log_format == "json":
+            calls_log.info(json.dumps({"event": "call", **summary}, separators=(",", ":")))
+            return
+        tried = ",".join(summary["tried"]) or "-"
+        calls_log.info(
+            "call call_id=%s from=%s to=%s role=%s clearip=%s clearip_ms=%s attest=%s "
+            "tried=%s final=%s total_ms=%s%s",
+            summary["call_id"],
+            summary["from"],
+            summary["to"],
+            summary["role"],
+            summary["clearip_status"],
+            summary["clearip_ms"],
+            summary["attest"],
+            tried,
+            summary["final"],
+            summary["total_ms"],
+            f' note="{summary["note"]}"' if summary["note"] else "",
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        for spec in self.config.listeners:
+            host, port = await self.endpoint.listen(spec)
+            log.info("listening on %s %s:%d", spec.transport, host, port)
+        for local in self.endpoint.locals:
+            self.locality.hosts.add(local.host)
+            self.locality.ports.add(local.port)
+        for spec in self.config.listeners:
+            if spec.address in ("0.0.0.0", "::"):
+                self.locality.hosts.update(_host_addresses())
+            else:
+                self.locality.hosts.add(spec.address)
+        for link in set(self.links.values()):
+            link.start()
+        for link in set(self.links.values()):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(link.attempted.wait(), 10)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the trust list (what can change without re-binding sockets)."""
+        try:
+            fresh = load_trust_file(self.config.trust_file)
+        except ValueError as exc:
+            log.error("reload refused, keeping the current trust list: %s", exc)
+            return
+        self.trust.replace(fresh.entries())
+        log.info("trust list reloaded: %d entries", len(self.trust))
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "uptime_s": round(time.time() - self.started, 1),
+            "listeners": [f"{a.transport}:{a.hostport()}" for a in self.endpoint.locals],
+            "upstreams": {role.value: link.status() for role, link in self.links.items()},
+            "active_calls": self.core.active_calls,
+            "active_transactions": self.core.active_transactions,
+            "connections": len(self.endpoint.connections),
+            "trust_entries": len(self.trust),
+        }
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        log.info("clearip-proxy ready")
+        await self._stopping.wait()
+        await self.close()
+
+    async def close(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        for link in set(self.links.values()):
+            await link.close()
+        await self.endpoint.close()
+
+
+def _host_addresses() -> set[str]:
+    """This host's addresses, so Record-Route entries naming any of them are recognised."""
+    out = {"127.0.0.1", "::1", "localhost"}
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            for addr in ipr.get_addr():
+                value = addr.get_attr("IFA_ADDRESS")
+                if value:
+                    out.add(str(value))
+    except Exception:  # pyroute2 missing or netlink refused: loopback is enough
+        pass
+    return out
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for journald and log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if message.startswith("{"):
+            try:
+                payload = json.loads(message)
+            except ValueError:
+                payload = {"message": message}
+        else:
+            payload = {"message": message}
+        payload.update(
+            {
+                "ts": round(record.created, 3),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+            }
+        )
+        return json.dumps(payload, separators=(",", ":"))

@@ -1,0 +1,124 @@
+"""One INVITE's life in the proxy: the record the core keeps while a call is being set up.
+
+Phases::
+
+    CLEARIP  --302-->  ROUTING  --2xx / final / all tried-->  DONE
+       |  \\--other final, timeout, upstream down, CANCEL--------> DONE
+       \\--(emergency: skips CLEARIP and starts in ROUTING)
+
+The record exists only until the INVITE has its final response; in-dialog requests never
+touch it (they are routed by Record-Route alone), so it is gone when the call is answered.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from clearip.relay.proxy.redirect import Target
+from clearip.relay.sip.message import Request, Response
+from clearip.relay.transport.peer import Peer
+from clearip.relay.trust import Role
+
+
+class Phase(Enum):
+    CLEARIP = "clearip"
+    ROUTING = "routing"
+    DONE = "done"
+
+
+@dataclass(slots=True)
+class Branch:
+    """One attempt at one destination."""
+
+    target: Target
+    request: Request
+    peer: Peer
+    txn_key: object = None
+    status: int | None = None
+    provisional: bool = False
+    abandoned: bool = False
+    cancelled: bool = False
+    outcome: str = ""
+
+
+@dataclass(slots=True)
+class ProxyCall:
+    id: int
+    request: Request  # as received from the switch or provider (Via already stamped)
+    source: Peer
+    role: Role
+    started: float
+    server_key: object
+    phase: Phase = Phase.CLEARIP
+    emergency: bool = False
+    upstream_key: object = None
+    upstream_peer: Peer | None = None
+    upstream_provisional: bool = False
+    clearip_status: int | None = None
+    clearip_latency: float | None = None
+    attestation: str | None = None
+    copied: tuple[tuple[str, str], ...] = ()
+    targets: list[Target] = field(default_factory=list)
+    branches: list[Branch] = field(default_factory=list)
+    finals: list[Response] = field(default_factory=list)
+    early_sent: bool = False
+    cancelled: bool = False
+    final_status: int | None = None
+    note: str = ""
+
+    def summary(self, now: float) -> dict[str, Any]:
+        req = self.request
+        return {
+            "call_id": req.call_id,
+            "from": _short(req.get("from")),
+            "to": _short(req.get("to")),
+            "role": self.role.value,
+            "emergency": self.emergency,
+            "clearip_status": self.clearip_status,
+            "clearip_ms": None
+            if self.clearip_latency is None
+            else round(self.clearip_latency * 1000, 1),
+            "attest": self.attestation,
+            "tried": [f"{b.target.uri_text}={b.outcome or b.status}" for b in self.branches],
+            "final": self.final_status,
+            "note": self.note,
+            "total_ms": round((now - self.started) * 1000, 1),
+        }
+
+
+def _short(value: str | None) -> str:
+    if not value:
+        return ""
+    start, end = value.find("<"), value.find(">")
+    return value[start + 1 : end] if 0 <= start < end else value.split(";")[0].strip()
+
+
+def best_response(finals: list[Response]) -> Response | None:
+    """RFC 3261 §16.7 step 6: a 6xx wins; otherwise the lowest class, preferring 4xx detail."""
+    if not finals:
+        return None
+    for response in finals:
+        if 600 <= response.status < 700:
+            return response
+    return min(finals, key=lambda r: (r.status // 100, r.status))
+
+
+def attestation_of(identity: str | None) -> str | None:
+    """The ``attest`` claim of a SHAKEN PASSporT in an Identity header (decoded, not verified)."""
+    if not identity:
+        return None
+    token = identity.strip().split(";", 1)[0].strip().strip("<>")
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    attest = claims.get("attest") if isinstance(claims, dict) else None
+    return attest if isinstance(attest, str) else None

@@ -1,0 +1,78 @@
+"""ClearIP's 302: which Contacts to try, in which order, and which headers to carry over.
+
+Like Kamailio's ``uac_redirect``: Contacts are tried in descending q order, ties in the order
+given. Only ``sip:``/``sips:`` Contacts are usable; a Contact that points back at this proxy
+would loop and is skipped; at most ``max_contacts`` are kept (a hostile 302 with hundreds of
+Contacts cannot make us call hundreds of destinations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clearip.relay.proxy.routing import Locality
+from clearip.relay.sip.address import Address
+from clearip.relay.sip.errors import SipParseError
+from clearip.relay.sip.message import Response
+from clearip.relay.sip.uri import SipUri, parse_uri
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    uri: SipUri
+    q: float
+
+    @property
+    def uri_text(self) -> str:
+        # Contact header parameters (q, expires) are not part of the target URI; URI
+        # parameters (transport, user=phone) are.
+        return str(self.uri)
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    targets: tuple[Target, ...]
+    skipped: tuple[tuple[str, str], ...]  # (contact, why)
+    copied: tuple[tuple[str, str], ...]  # (header name, value) to put into the INVITE
+
+
+def read_redirect(
+    response: Response, locality: Locality, copy_headers: tuple[str, ...], max_contacts: int
+) -> Redirect:
+    targets: list[Target] = []
+    skipped: list[tuple[str, str]] = []
+    try:
+        contacts: list[Address] = response.addresses("contact")
+    except SipParseError:
+        contacts = []
+        skipped.append(("Contact", "malformed"))
+    for contact in contacts:
+        try:
+            uri = parse_uri(contact.uri_text)
+        except SipParseError:
+            skipped.append((contact.uri_text, "malformed URI"))
+            continue
+        if not isinstance(uri, SipUri):
+            skipped.append((contact.uri_text, "not a SIP URI"))
+            continue
+        if uri.transport not in ("udp", "tcp", "tls"):
+            skipped.append((contact.uri_text, f"unsupported transport {uri.transport}"))
+            continue
+        if locality.is_us(uri):
+            skipped.append((contact.uri_text, "points at this proxy (loop)"))
+            continue
+        if uri.headers is not None:
+            uri.headers = None  # headers in a redirect Contact are not applied (§19.1.5)
+        targets.append(Target(uri, contact.q))
+        if len(targets) >= max_contacts:
+            if len(contacts) > max_contacts:
+                skipped.append(("...", f"more than {max_contacts} Contacts: rest ignored"))
+            break
+    targets.sort(key=lambda t: -t.q)  # stable: ties keep their order
+    copied: list[tuple[str, str]] = []
+    for name in copy_headers:
+        key = name.lower()
+        for header in response.headers:
+            if header.key == key:
+                copied.append((header.name, header.value))
+    return Redirect(tuple(targets), tuple(skipped), tuple(copied))

@@ -1,0 +1,38 @@
+"""Responses the proxy generates itself (RFC 3261 §8.2.6.2), like Kamailio's ``sl`` module."""
+
+from __future__ import annotations
+
+import hashlib
+
+from clearip.relay.sip.message import Header, Request, Response
+
+# Headers copied from a request into a response made for it (§8.2.6.2).
+_COPIED = frozenset(("via", "from", "call-id", "cseq"))
+
+
+def local_to_tag(request: Request) -> str:
+    """A To tag that is the same for retransmissions of the same request."""
+    seed = f"{request.call_id}|{request.from_tag}|{request.cseq[0]}".encode()
+    return "cl" + hashlib.blake2s(seed, digest_size=6).hexdigest()
+
+
+def make_reply(
+    request: Request,
+    status: int,
+    reason: str,
+    *,
+    extra: list[tuple[str, str]] | None = None,
+    add_to_tag: bool = True,
+) -> Response:
+    headers = [Header(h.name, h.key, h.value, h.raw) for h in request.headers if h.key in _COPIED]
+    to_value = request.get("to") or ""
+    if add_to_tag and status > 100 and ";tag=" not in to_value.replace(" ", "").lower():
+        to_value = f"{to_value};tag={local_to_tag(request)}"
+    # Keep the To header where the request had it relative to the others: simplest is after From.
+    headers.append(Header("To", "to", to_value, None))
+    response = Response(status, reason, headers)
+    for name, value in extra or ():
+        response.append(name, value)
+    response.append("Server", "clearip-inline-proxy")
+    response.append("Content-Length", "0")
+    return response
