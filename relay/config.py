@@ -90,6 +90,7 @@ class ProxyConfig:
     xdp: XdpConfig = field(default_factory=XdpConfig)
     log_level: str = "info"
     log_format: str = "text"
+    metrics_enabled: bool = True
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9477
 
@@ -313,6 +314,7 @@ def config_from_data(data: dict[str, Any]) -> ProxyConfig:
     lg.finish()
 
     m = _Reader(_table(data, "metrics"), "metrics")
+    metrics_enabled = m.get("enabled", bool, True, "use true or false")
     metrics_address = m.get("address", str, "127.0.0.1", "use an IP address")
     metrics_port = _port(m.get("port", int, 9477, "use a port number"), "metrics.port")
     m.finish()
@@ -321,6 +323,7 @@ def config_from_data(data: dict[str, Any]) -> ProxyConfig:
         xdp=xdp,
         log_level=level,
         log_format=fmt,
+        metrics_enabled=metrics_enabled,
         metrics_address=metrics_address,
         metrics_port=metrics_port,
     )

@@ -18,9 +18,11 @@ from typing import Any
 
 from clearip.relay.config import ProxyConfig
 from clearip.relay.emergency import EmergencyNumbers
+from clearip.relay.metrics import MetricsServer, registry_for
 from clearip.relay.proxy.core import ProxyCore
 from clearip.relay.proxy.effects import CallFinished, CancelTimer, Effect, Send, StartTimer
 from clearip.relay.proxy.routing import Locality
+from clearip.relay.sdnotify import Notifier, watchdog, watchdog_interval
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.transport.endpoint import SipEndpoint
 from clearip.relay.transport.peer import LocalAddress, Peer
@@ -71,6 +73,10 @@ class Daemon:
                 lambda: self._upstream_down(Role.PROVIDER),
             )
         self.locality = Locality(hosts=set(), ports=set())
+        self.metrics: MetricsServer | None = None
+        self.notifier = Notifier()
+        self._watchdog: asyncio.Task[None] | None = None
+        self.kernel_status: Callable[[], dict[str, Any] | None] = lambda: None
         self.core = ProxyCore(
             config,
             role_of=self.trust.role_of,
@@ -175,6 +181,16 @@ class Daemon:
         for link in set(self.links.values()):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(link.attempted.wait(), 10)
+        if self.config.metrics_enabled:
+            self.metrics = MetricsServer(registry_for(self.snapshot))
+            port = await self.metrics.start(self.config.metrics_address, self.config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics_address, port)
+        self.notifier.ready(self.one_line_status())
+        interval = watchdog_interval()
+        if interval is not None:
+            self._watchdog = asyncio.create_task(
+                watchdog(self.notifier, interval, self.one_line_status)
+            )
 
     def reload(self) -> None:
         """SIGHUP: re-read the trust list (what can change without re-binding sockets)."""
@@ -197,6 +213,23 @@ class Daemon:
             "trust_entries": len(self.trust),
         }
 
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the metrics collector reads, taken on the event loop."""
+        return {
+            "counters": self.counters,
+            "latency": self.core.latency,
+            "active_calls": self.core.active_calls,
+            "active_transactions": self.core.active_transactions,
+            "connections": len(self.endpoint.connections),
+            "trust_entries": len(self.trust),
+            "upstreams": {role.value: link.status() for role, link in self.links.items()},
+            "kernel": self.kernel_status(),
+        }
+
+    def one_line_status(self) -> str:
+        ups = ", ".join(f"ClearIP {role.value} {link.state}" for role, link in self.links.items())
+        return f"{ups}; {self.core.active_calls} calls in setup; {len(self.trust)} trusted sources"
+
     def stop(self) -> None:
         self._stopping.set()
 
@@ -211,6 +244,11 @@ class Daemon:
         await self.close()
 
     async def close(self) -> None:
+        self.notifier.stopping()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self.metrics is not None:
+            await self.metrics.close()
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()

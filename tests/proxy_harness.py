@@ -72,6 +72,9 @@ t1 = 0.1
 [xdp]
 enabled = false
 
+[metrics]
+port = 0
+
 [log]
 level = "debug"
 {extra}

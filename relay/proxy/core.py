@@ -34,6 +34,7 @@ from typing import Any
 
 from clearip.relay.config import ProxyConfig
 from clearip.relay.emergency import EmergencyNumbers
+from clearip.relay.metrics import LatencyHistogram
 from clearip.relay.proxy.call import (
     Branch,
     Phase,
@@ -124,6 +125,7 @@ class ProxyCore:
         self.server_txns: dict[object, tuple[ServerInviteTransaction, Peer]] = {}
         self.txn_ids: dict[int, object] = {}
         self._ids = itertools.count(1)
+        self.latency = LatencyHistogram()
 
     # ------------------------------------------------------------------------------------
     # Introspection
@@ -465,6 +467,7 @@ class ProxyCore:
             return []  # late: absorbed (the client transaction ACKs a late non-2xx)
         call.clearip_status = status
         call.clearip_latency = self.clock() - call.started
+        self.latency.observe(call.clearip_latency)
         self.counters[f"clearip_response_{status}"] += 1
         effects: list[Effect] = [CancelTimer(("call", call.id, "upstream"))]
         if status == 302:
@@ -684,7 +687,7 @@ class ProxyCore:
                     effects += self._cancel_branch(call, branch)
         effects += self._respond(call, response) if own else self._forward_response(call, response)
         effects.append(CallFinished(call.summary(self.clock())))
-        self.counters[f"call_final_{response.status // 100}xx"] += 1
+        self.counters[f"call:{call.role.value}:{response.status}"] += 1
         self._forget(call)
         return effects
 

@@ -1,0 +1,198 @@
+"""Prometheus metrics, read from the daemon's counters at scrape time.
+
+Nothing is updated per message for metrics' sake: the relay already counts into plain
+``Counter`` objects, and a collector turns them into Prometheus families when scraped. The
+HTTP endpoint is served from the event loop itself, so a scrape sees a consistent snapshot
+(no thread reads while the loop writes). Names are prefixed ``clearip_``, counters end in
+``_total``, times are in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass
+class LatencyHistogram:
+    """Cumulative-bucket histogram of ClearIP response times (plain numbers, no locks)."""
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        for index, bound in enumerate(self.bounds):
+            if seconds <= bound:
+                self.counts[index] += 1
+                break
+        else:
+            self.counts[-1] += 1
+        self.total += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            running += count
+            out.append((repr(bound), float(running)))
+        out.append(("+Inf", float(running + self.counts[-1])))
+        return out
+
+
+# counter-key prefix -> (metric name, help, label name)
+LABELLED = {
+    "clearip_response_": ("clearip_upstream_responses", "ClearIP final responses by code", "code"),
+    "parse_error_": ("clearip_parse_errors", "Messages that failed to parse, by kind", "kind"),
+    "stream_closed_": ("clearip_connections_closed", "Connections we closed, by reason", "reason"),
+    "in_dialog_": ("clearip_in_dialog_requests", "In-dialog requests routed, by method", "method"),
+}
+PLAIN = {
+    "route_advance": ("clearip_route_advances", "Calls moved on to the next Contact"),
+    "emergency": ("clearip_emergency_calls", "Emergency calls that bypassed ClearIP"),
+    "clearip_timeout": ("clearip_upstream_timeouts", "ClearIP did not answer in time (fail-open)"),
+    "clearip_down_fail_open": (
+        "clearip_upstream_down_fail_open",
+        "Calls answered 503 at once because ClearIP was unreachable",
+    ),
+    "provider_timeout": ("clearip_provider_timeouts", "Destinations that did not answer at all"),
+    "untrusted_dropped": ("clearip_untrusted_datagrams_dropped", "UDP from untrusted sources"),
+    "untrusted_connection_closed": (
+        "clearip_untrusted_connections_closed",
+        "TCP/TLS connections from untrusted sources",
+    ),
+    "malformed_dropped": ("clearip_malformed_dropped", "Unparseable messages dropped"),
+    "bad_request_sent": ("clearip_bad_requests_answered", "Malformed requests answered 400"),
+    "stray_response": ("clearip_stray_responses", "Responses matching no transaction"),
+    "send_failed": ("clearip_send_failures", "Messages the transport could not send"),
+}
+
+
+class RelayCollector(Collector):
+    """Turns the daemon's live state into metric families on each scrape."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.snapshot()
+        counters: Counter[str] = state["counters"]
+        calls = CounterMetricFamily(
+            "clearip_calls", "INVITEs finished, by role and final status", labels=["role", "status"]
+        )
+        for key, value in counters.items():
+            if key.startswith("call:"):
+                _, role, status = key.split(":", 2)
+                calls.add_metric([role, status], value)
+        yield calls
+        for prefix, (name, text, label) in LABELLED.items():
+            family = CounterMetricFamily(name, text, labels=[label])
+            for key, value in counters.items():
+                if key.startswith(prefix):
+                    family.add_metric([key[len(prefix) :]], value)
+            yield family
+        for key, (name, text) in PLAIN.items():
+            yield CounterMetricFamily(name, text, value=counters.get(key, 0))
+        histogram: LatencyHistogram = state["latency"]
+        yield HistogramMetricFamily(
+            "clearip_upstream_response_seconds",
+            "Time from relaying an INVITE to ClearIP until its final response",
+            buckets=histogram.buckets(),
+            sum_value=histogram.total,
+        )
+        for name, text in (
+            ("active_calls", "Calls being set up"),
+            ("active_transactions", "Live SIP transactions"),
+            ("connections", "Open TCP/TLS connections"),
+            ("trust_entries", "Entries in the trust list"),
+        ):
+            yield GaugeMetricFamily(f"clearip_{name}", text, value=state[name])
+        up = GaugeMetricFamily(
+            "clearip_upstream_up",
+            "1 while the ClearIP connection is up",
+            labels=["upstream", "uri"],
+        )
+        for upstream, status in state["upstreams"].items():
+            up.add_metric([upstream, status["uri"]], 1.0 if status["state"] == "up" else 0.0)
+        yield up
+        yield from _kernel_families(state.get("kernel"))
+
+
+def _kernel_families(kernel: dict[str, Any] | None) -> Iterable[Metric]:
+    attached = GaugeMetricFamily(
+        "clearip_xdp_attached",
+        "1 per interface where the XDP filter is attached, by mode",
+        labels=["interface", "mode"],
+    )
+    packets = CounterMetricFamily(
+        "clearip_xdp_packets", "Packets seen by the XDP filter, by outcome", labels=["outcome"]
+    )
+    if kernel:
+        for iface, status in kernel.get("interfaces", {}).items():
+            attached.add_metric(
+                [iface, str(status.get("mode", ""))], 1.0 if status.get("attached") else 0.0
+            )
+        for outcome, value in kernel.get("counters", {}).items():
+            packets.add_metric([outcome], value)
+    yield attached
+    yield packets
+
+
+def registry_for(snapshot: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RelayCollector(snapshot))
+    return registry
+
+
+class MetricsServer:
+    """A minimal HTTP/1.0 server on the event loop answering ``GET /metrics``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        self.server = await asyncio.start_server(self._handle, host, port)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+        return self.port
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] == b"/metrics":
+                body = generate_latest(self.registry)
+                head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+            else:
+                body = b"see /metrics\n"
+                head = b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
+            writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
