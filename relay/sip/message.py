@@ -274,6 +274,10 @@ class Request(Message):
             self._uri = parse_uri(self.uri_text)
         return self._uri
 
+    def cache_uri(self, uri: Uri) -> None:
+        """Keep the parser's parsed Request-URI so nobody parses it twice."""
+        self._uri = uri
+
     def set_uri(self, uri: str) -> None:
         self.uri_text = uri
         self._uri = None

@@ -15,6 +15,7 @@ from clearip.relay.sip.address import parse_address
 from clearip.relay.sip.errors import IncompleteMessage, LimitExceeded, SipParseError
 from clearip.relay.sip.grammar import (
     TOKEN,
+    address_re,
     cseq_re,
     date_re,
     digits_re,
@@ -22,6 +23,7 @@ from clearip.relay.sip.grammar import (
     split_commas,
     status_line_re,
     token_re,
+    via_re,
 )
 from clearip.relay.sip.message import COMPACT_FORMS, Header, Message, Request, Response
 from clearip.relay.sip.uri import parse_sip_uri, parse_uri
@@ -157,13 +159,15 @@ def _parse_request_line(line: str, limits: Limits) -> Request:
     if request_uri_scheme_re.fullmatch(uri) is None:
         raise SipParseError("malformed Request-URI", "uri")
     scheme = uri.partition(":")[0].lower()
+    request = Request(method, uri)
     if scheme in ("sip", "sips"):
         parsed = parse_sip_uri(uri)
         if parsed.headers is not None:
             raise SipParseError("headers are not allowed in a Request-URI", "uri")
+        request.cache_uri(parsed)
     elif scheme == "tel":
-        parse_uri(uri)
-    return Request(method, uri)
+        request.cache_uri(parse_uri(uri))
+    return request
 
 
 def _validate(message: Request | Response) -> None:
@@ -172,10 +176,15 @@ def _validate(message: Request | Response) -> None:
         key = header.key
         value = header.value
         if key == "via":
-            for part in split_commas(value):
-                parse_via(part)
+            if "," not in value:
+                if via_re.fullmatch(value) is None:
+                    parse_via(value)  # raises with the reason
+            else:
+                for part in split_commas(value):
+                    parse_via(part)
         elif key in _ADDRESS_KEYS:
-            parse_address(value)
+            if address_re.fullmatch(value) is None:
+                parse_address(value)  # raises with the reason
         elif key == "cseq":
             m = cseq_re.fullmatch(value)
             if m is None:
@@ -189,7 +198,12 @@ def _validate(message: Request | Response) -> None:
             if m is None or int(m.group(1)) > MAX_FORWARDS_LIMIT:
                 raise SipParseError("malformed Max-Forwards", "max-forwards")
         elif key == "contact":
-            if value != "*":
+            if value == "*":
+                continue
+            if "," not in value:
+                if address_re.fullmatch(value) is None:
+                    parse_address(value)
+            else:
                 for part in split_commas(value):
                     parse_address(part)
         elif key == "call-id":
