@@ -12,8 +12,6 @@ touch it (they are routed by Record-Route alone), so it is gone when the call is
 
 from __future__ import annotations
 
-import base64
-import json
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -105,20 +103,3 @@ def best_response(finals: list[Response]) -> Response | None:
         if 600 <= response.status < 700:
             return response
     return min(finals, key=lambda r: (r.status // 100, r.status))
-
-
-def attestation_of(identity: str | None) -> str | None:
-    """The ``attest`` claim of a SHAKEN PASSporT in an Identity header (decoded, not verified)."""
-    if not identity:
-        return None
-    token = identity.strip().split(";", 1)[0].strip().strip("<>")
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    payload = parts[1] + "=" * (-len(parts[1]) % 4)
-    try:
-        claims = json.loads(base64.urlsafe_b64decode(payload))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    attest = claims.get("attest") if isinstance(claims, dict) else None
-    return attest if isinstance(attest, str) else None

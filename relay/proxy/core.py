@@ -39,7 +39,6 @@ from clearip.relay.proxy.call import (
     Branch,
     Phase,
     ProxyCall,
-    attestation_of,
     best_response,
 )
 from clearip.relay.proxy.effects import CallFinished, CancelTimer, Effect, Send, StartTimer
@@ -60,6 +59,7 @@ from clearip.relay.proxy.routing import (
     stateless_branch,
     via_value,
 )
+from clearip.relay.shaken import attestation_of
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.parser import content_length_conflict

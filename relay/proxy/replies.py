@@ -23,6 +23,7 @@ def make_reply(
     *,
     extra: list[tuple[str, str]] | None = None,
     add_to_tag: bool = True,
+    server: str = "clearip-inline-proxy",
 ) -> Response:
     headers = [Header(h.name, h.key, h.value, h.raw) for h in request.headers if h.key in _COPIED]
     to_value = request.get("to") or ""
@@ -33,6 +34,6 @@ def make_reply(
     response = Response(status, reason, headers)
     for name, value in extra or ():
         response.append(name, value)
-    response.append("Server", "clearip-inline-proxy")
+    response.append("Server", server)
     response.append("Content-Length", "0")
     return response
