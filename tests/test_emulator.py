@@ -135,7 +135,8 @@ def test_q_values_descend_by_hundredths() -> None:
 def _invite(number: str, caller: str = "14045550100") -> Request:
     message = parse_message(
         (
-            f"INVITE sip:{number}@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bK1\r\n"
+            f"INVITE sip:{number}@127.0.0.1 SIP/2.0\r\n"
+            "Via: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bK1\r\n"
             f"From: <sip:{caller}@127.0.0.1>;tag=1\r\nTo: <sip:{number}@127.0.0.1>\r\n"
             "Call-ID: r1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
         ).encode()
@@ -253,7 +254,7 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
             str(ready),
             "--stats-file",
             str(directory / "stats.json"),
-        ],  # fmt: skip
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
