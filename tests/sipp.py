@@ -381,3 +381,40 @@ Content-Length: 0
 """
     xml += _ACK_NON2XX.format(caller=caller).replace("[branch-5]", "[branch-6]")
     return xml + "</scenario>\n"
+
+
+def uas_hangup_scenario() -> str:
+    """A provider that answers and then hangs up itself (BYE from the callee side)."""
+    xml = _HEAD.format(name="uas-hangup")
+    xml += '  <recv request="INVITE" crlf="true"/>\n'
+    xml += _REPLY.format(code=100, reason="Trying", extra="")
+    xml += _REPLY_SDP.format(sdp=SDP)
+    xml += '  <recv request="ACK" rrs="true"/>\n  <pause milliseconds="300"/>\n'
+    xml += """  <send retrans="500">
+    <![CDATA[
+BYE [next_url] SIP/2.0
+Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+[last_To:]
+[last_From:]
+[last_Call-ID:]
+CSeq: 2 BYE
+[routes]
+Max-Forwards: 70
+Content-Length: 0
+
+    ]]>
+  </send>
+  <recv response="200"/>
+"""
+    return xml + "</scenario>\n"
+
+
+def uac_answered_then_bye_received(caller: str = "14045550100") -> str:
+    """A switch whose call is answered and then hung up by the other side."""
+    xml = _HEAD.format(name="switch-receives-bye") + _INVITE.format(caller=caller, sdp=SDP)
+    xml += '  <recv response="200" rtd="true" rrs="true"/>\n'
+    xml += _IN_DIALOG.format(
+        retrans="", method="ACK", cseq=1, caller=caller, body_headers="Content-Length: 0", body=""
+    )
+    xml += _ANSWER_IN_DIALOG.format(method="BYE")
+    return xml + "</scenario>\n"
