@@ -71,6 +71,8 @@ class ProxyConfig:
     listeners: tuple[ListenerSpec, ...] = (
         ListenerSpec("udp", "0.0.0.0", 5060),
         ListenerSpec("tcp", "0.0.0.0", 5060),
+        ListenerSpec("udp", "::", 5060),
+        ListenerSpec("tcp", "::", 5060),
     )
     trust_file: str = "/etc/clearip-proxy/trust.toml"
     control_socket: str = "/run/clearip-proxy/control.sock"

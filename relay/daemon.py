@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import signal
@@ -31,6 +32,7 @@ from clearip.relay.trust import Role, TrustList, load_trust_file
 from clearip.relay.upstream import UpstreamLink
 
 log = logging.getLogger("clearip.daemon")
+_NO_IPV6 = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT}
 calls_log = logging.getLogger("clearip.calls")
 
 
@@ -166,7 +168,19 @@ class Daemon:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         for spec in self.config.listeners:
-            host, port = await self.endpoint.listen(spec)
+            try:
+                host, port = await self.endpoint.listen(spec)
+            except OSError as exc:
+                if spec.address == "::" and exc.errno in _NO_IPV6:
+                    log.warning(
+                        "no IPv6 on this host: skipping %s [::]:%d", spec.transport, spec.port
+                    )
+                    continue
+                raise OSError(
+                    exc.errno,
+                    f"cannot listen on {spec.transport} {spec.address}:{spec.port}: "
+                    f"{exc.strerror} (check [[listen]] in the config)",
+                ) from None
             log.info("listening on %s %s:%d", spec.transport, host, port)
         for local in self.endpoint.locals:
             self.locality.hosts.add(local.host)

@@ -191,3 +191,23 @@ def test_malformed_request_gets_400_naming_the_problem() -> None:
         await server.close()
 
     asyncio.run(main())
+
+
+def test_ipv6_udp_and_tcp_round_trip() -> None:
+    async def main() -> None:
+        rx = Recorder()
+        server = SipEndpoint(rx)
+        _, uport = await server.listen(ListenerSpec("udp", "::1", 0))
+        _, tport = await server.listen(ListenerSpec("tcp", "::1", 0))
+        client = SipEndpoint(Recorder())
+        await client.listen(ListenerSpec("udp", "::1", 0))
+        client.send(parse_message(options("UDP", 1)), Peer("udp", "::1", uport))
+        client.send(parse_message(options("TCP", 2)), Peer("tcp", "::1", tport))
+        await rx.wait_for(2)
+        assert {p.transport for _, p in rx.messages} == {"udp", "tcp"}
+        assert all(p.host == "::1" for _, p in rx.messages)
+        assert server.local_for("udp", "::1").host == "::1"
+        await client.close()
+        await server.close()
+
+    asyncio.run(main())

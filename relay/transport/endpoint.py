@@ -251,7 +251,11 @@ class SipEndpoint:
                 sock.setsockopt(socket.IPPROTO_IP, _IP_RECVTOS, 1)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-            sock.bind((spec.address, spec.port))
+            try:
+                sock.bind((spec.address, spec.port))
+            except OSError:
+                sock.close()
+                raise
             sock.setblocking(False)
             bound = sock.getsockname()[:2]
             local = LocalAddress("udp", spec.advertise or bound[0], bound[1])
