@@ -5,7 +5,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup setup-dev lint typecheck unit bench rpm clean
+.PHONY: demo test setup setup-dev lint typecheck unit bench fuzz rpm clean
 
 demo: setup
 	$(VENV)/bin/clearip-proxy demo
@@ -30,8 +30,20 @@ typecheck:
 	@for d in relay ctl bpf; do ln -sfn ../../../$$d build/typecheck/clearip/$$d; done
 	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p clearip.relay -p clearip.ctl -p clearip.bpf
 
+# Coverage-guided fuzzing of the parser, the stream framer and the datagram path.
+FUZZ_SECONDS ?= 120
+fuzz: setup-dev
+	for t in parser framer datagram; do $(PY) -m fuzz.run $$t $(FUZZ_SECONDS) build/fuzz-$$t || exit 1; done
+
 bench: setup-dev
 	$(PY) -m bench.parse
+
+# RHEL 9 package (issue 9): RPM and source RPM in build/rpm/RPMS and build/rpm/SRPMS.
+# RPM_PYTHON: a Python 3.11 with pip and venv (default: the venv's, else python3.11).
+RPM_PYTHON ?=
+
+rpm:
+	PYTHON="$(RPM_PYTHON)" bash packaging/rpm/build.sh
 
 clean:
 	rm -rf build dist *.egg-info .mypy_cache .pytest_cache .ruff_cache

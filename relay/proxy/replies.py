@@ -12,7 +12,8 @@ _COPIED = frozenset(("via", "from", "call-id", "cseq"))
 
 def local_to_tag(request: Request) -> str:
     """A To tag that is the same for retransmissions of the same request."""
-    seed = f"{request.call_id}|{request.from_tag}|{request.cseq[0]}".encode()
+    text = f"{request.call_id}|{request.from_tag}|{request.cseq[0]}"
+    seed = text.encode("utf-8", "surrogateescape")
     return "cl" + hashlib.blake2s(seed, digest_size=6).hexdigest()
 
 

@@ -34,7 +34,8 @@ MAX_FORWARDS_DEFAULT = 70
 
 
 def _digest(*parts: object, size: int = 8) -> str:
-    return hashlib.blake2s("|".join(map(str, parts)).encode(), digest_size=size).hexdigest()
+    data = "|".join(map(str, parts)).encode("utf-8", "surrogateescape")
+    return hashlib.blake2s(data, digest_size=size).hexdigest()
 
 
 def loop_hash(request: Request) -> str:

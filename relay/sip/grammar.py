@@ -23,9 +23,11 @@ param_re = re.compile(rf"{WS};{WS}({TOKEN})(?:{WS}={WS}({GEN_VALUE}))?")
 params_re = re.compile(PARAMS)
 
 # name-addr / addr-spec with header parameters (From, To, Contact, Route, Record-Route, PAI).
+# Every repetition here is separated by a mandatory character (LWS between display-name
+# tokens, ';' between parameters) so a failing match cannot backtrack exponentially.
 # Group 1: display name (token list or quoted string), 2: URI inside <>, 3: bare addr-spec URI.
 address_re = re.compile(
-    rf"{WS}(?:((?:{TOKEN}(?:{WS}{TOKEN})*)|{QUOTED})?{WS}<([A-Za-z][A-Za-z0-9+.\-]*:[^<>\s]+)>"
+    rf"{WS}(?:((?:{TOKEN}(?:[ \t]+{TOKEN})*)|{QUOTED})?{WS}<([A-Za-z][A-Za-z0-9+.\-]*:[^<>\s]+)>"
     rf"|([A-Za-z][A-Za-z0-9+.\-]*:[^\s;,?<>\"]+))"
     rf"({PARAMS}){WS}"
 )
@@ -37,7 +39,7 @@ via_re = re.compile(
 )
 
 request_uri_scheme_re = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:\S+")
-cseq_re = re.compile(rf"{WS}(\d+){WS}[ \t]?({TOKEN}){WS}")
+cseq_re = re.compile(rf"{WS}(\d+)[ \t]+({TOKEN}){WS}")
 digits_re = re.compile(rf"{WS}(\d{{1,10}}){WS}")
 status_line_re = re.compile(r"SIP/2\.0 ([1-6]\d\d) ([^\r\n]*)")
 date_re = re.compile(
