@@ -44,6 +44,11 @@ spec_version=$(sed -n 's/^Version:[[:space:]]*//p' "$spec")
     || die "pyproject.toml says $version but the spec says $spec_version: update Version and %changelog"
 name=clearip-inline-proxy
 srcname=clearip_inline_proxy
+# The sdist takes the working tree as it is: say so when that is not a commit.
+if git -C "$root" rev-parse --git-dir >/dev/null 2>&1 \
+        && [ -n "$(git -C "$root" status --porcelain -- relay ctl bpf pyproject.toml setup.py)" ]; then
+    say "note: relay/, ctl/ or bpf/ has uncommitted changes; the package contains them"
+fi
 
 mkdir -p "$top"/{SOURCES,SPECS,wheels}
 rm -rf "$top/SOURCES"/* "$top/RPMS" "$top/SRPMS"
