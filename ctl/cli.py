@@ -1,23 +1,252 @@
-"""``clearipctl``: the operator's tool for the running proxy."""
+"""``clearipctl``: the operator's tool for the running proxy (trust list, emergency numbers,
+status, statistics, the kernel filter).
+
+It talks to the daemon's control socket. Trust-list commands also work on the trust file when
+the daemon is not running (the change then applies at the next start).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from clearip.relay.trust import (
+    TrustEntry,
+    TrustError,
+    load_trust_file,
+    parse_cidr,
+    parse_role,
+    render_trust_file,
+    save_trust_file,
+    trust_list_from_data,
+)
+
+DEFAULT_SOCKET = "/run/clearip-proxy/control.sock"
+DEFAULT_TRUST_FILE = "/etc/clearip-proxy/trust.toml"
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_NO_DAEMON = 0, 1, 2, 3
+EPILOG = """exit codes:
+  0  done
+  1  the daemon or the system refused (see the message)
+  2  invalid input (bad CIDR, unknown role, duplicate or missing entry); nothing changed
+  3  the daemon is not running (for commands that need it)
+"""
+
+
+class DaemonDown(Exception):
+    pass
+
+
+class Client:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def call(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(10)
+                sock.connect(self.path)
+                sock.sendall(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonDown(f"clearip-proxy is not running (no socket at {self.path})") from None
+        reply: dict[str, Any] = json.loads(data)
+        return reply
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clearipctl", description="Manage clearip-proxy.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    sub.add_parser("status", help="show the daemon's state")
+    parser = argparse.ArgumentParser(
+        prog="clearipctl",
+        description="Manage a running clearip-proxy: trust list, emergency numbers, status.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--socket", default=DEFAULT_SOCKET, help="daemon control socket")
+    parser.add_argument(
+        "--trust-file", default=DEFAULT_TRUST_FILE, help="trust file (used when no daemon runs)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    trust = sub.add_parser("trust", help="trusted sources and their roles").add_subparsers(
+        dest="action", required=True
+    )
+    listing = trust.add_parser("list", help="show the trust list")
+    listing.add_argument("--json", action="store_true")
+    add = trust.add_parser("add", help="trust an address or CIDR")
+    add.add_argument("cidr")
+    add.add_argument("--role", required=True, choices=["switch", "provider"])
+    add.add_argument("--note", default="")
+    remove = trust.add_parser("remove", help="stop trusting an address or CIDR")
+    remove.add_argument("cidr")
+    imp = trust.add_parser("import", help="replace the trust list with a file's")
+    imp.add_argument("file")
+    trust.add_parser("export", help="print the trust list as a trust file")
+
+    emergency = sub.add_parser("emergency", help="emergency numbers").add_subparsers(
+        dest="action", required=True
+    )
+    emergency.add_parser("list")
+    eadd = emergency.add_parser("add")
+    eadd.add_argument("number")
+    eremove = emergency.add_parser("remove")
+    eremove.add_argument("number")
+
+    for name, text in (
+        ("status", "daemon, ClearIP connections, kernel filter, trust-list size"),
+        ("stats", "relay and kernel counters"),
+        ("top-dropped", "sources the kernel filter dropped most"),
+    ):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("--json", action="store_true")
+    xdp = sub.add_parser("xdp", help="the kernel filter").add_subparsers(
+        dest="action", required=True
+    )
+    detach = xdp.add_parser("detach", help="remove the XDP filter and its pinned maps")
+    detach.add_argument("--pin-dir", default="/sys/fs/bpf/clearip")
+    detach.add_argument("--interface", action="append", default=[])
     return parser
 
 
+def table(rows: list[list[str]], headers: list[str]) -> str:
+    width = shutil.get_terminal_size((100, 20)).columns
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line[:width].rstrip() for line in lines)
+
+
+def _error(message: str, code: int) -> int:
+    print(f"clearipctl: {message}", file=sys.stderr)
+    return code
+
+
+def _reply(reply: dict[str, Any]) -> tuple[Any, int]:
+    if reply.get("ok"):
+        return reply.get("result"), EXIT_OK
+    code = EXIT_INVALID if reply.get("kind") == "invalid" else EXIT_FAILED
+    return None, _error(str(reply.get("error")), code)
+
+
+def _trust_offline(args: argparse.Namespace) -> int:
+    path = Path(args.trust_file)
+    note = "daemon not running: changed the trust file only; it applies at the next start"
+    trust = load_trust_file(path)
+    if args.action == "list":
+        return _print_trust(
+            [{"cidr": e.cidr, "role": e.role.value, "note": e.note} for e in trust], args
+        )
+    if args.action == "export":
+        print(render_trust_file(trust), end="")
+        return EXIT_OK
+    if args.action == "add":
+        trust.add(TrustEntry(parse_cidr(args.cidr), parse_role(args.role), args.note))
+    elif args.action == "remove":
+        trust.remove(parse_cidr(args.cidr))
+    elif args.action == "import":
+        import tomllib
+
+        trust = trust_list_from_data(tomllib.loads(Path(args.file).read_text()), args.file)
+    save_trust_file(path, trust)
+    print(f"{args.action}: done ({note})")
+    return EXIT_OK
+
+
+def _print_trust(entries: list[dict[str, str]], args: argparse.Namespace) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps(entries, indent=2))
+    elif entries:
+        print(table([[e["cidr"], e["role"], e["note"]] for e in entries], ["CIDR", "ROLE", "NOTE"]))
+    else:
+        print("the trust list is empty: no source may send SIP")
+    return EXIT_OK
+
+
+def run(args: argparse.Namespace) -> int:
+    client = Client(args.socket)
+    if args.command == "xdp":
+        from clearip.bpf.loader import detach_pinned
+
+        detach_pinned(args.pin_dir, args.interface)
+        print(f"kernel filter detached ({args.pin_dir} removed)")
+        return EXIT_OK
+    if args.command == "trust":
+        # Validate locally first so bad input never reaches the daemon or the file.
+        if args.action in ("add", "remove"):
+            parse_cidr(args.cidr)
+        try:
+            if args.action == "list":
+                result, code = _reply(client.call("trust.list"))
+                return code if code else _print_trust(result, args)
+            if args.action == "export":
+                result, code = _reply(client.call("trust.export"))
+                if not code:
+                    print(result, end="")
+                return code
+            if args.action == "add":
+                reply = client.call("trust.add", cidr=args.cidr, role=args.role, note=args.note)
+            elif args.action == "remove":
+                reply = client.call("trust.remove", cidr=args.cidr)
+            else:
+                text = Path(args.file).read_text()
+                reply = client.call("trust.import", text=text, origin=args.file)
+        except DaemonDown:
+            return _trust_offline(args)
+        result, code = _reply(reply)
+        if not code:
+            print(result)
+        return code
+    try:
+        if args.command == "emergency":
+            fields = {"number": args.number} if args.action != "list" else {}
+            result, code = _reply(client.call(f"emergency.{args.action}", **fields))
+            if not code:
+                print(result if args.action != "list" else "\n".join(result))
+            return code
+        result, code = _reply(client.call(args.command))
+    except DaemonDown as exc:
+        return _error(str(exc), EXIT_NO_DAEMON)
+    if code:
+        return code
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2))
+    elif args.command == "top-dropped":
+        print(table([[a, str(c)] for a, c in result], ["SOURCE", "DROPPED"]) if result else "none")
+    else:
+        rows = _flatten(result)
+        print(table(rows, ["WHAT", "VALUE"]))
+    return EXIT_OK
+
+
+def _flatten(data: Any, prefix: str = "") -> list[list[str]]:
+    rows: list[list[str]] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            rows += _flatten(
+                value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}"
+            )
+    else:
+        rows.append([prefix.rstrip("."), str(data)])
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    return 0
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except TrustError as exc:
+        return _error(str(exc), EXIT_INVALID)
+    except (OSError, ValueError) as exc:
+        return _error(str(exc), EXIT_FAILED)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ from collections.abc import Callable
 from typing import Any
 
 from clearip.relay.config import ProxyConfig
+from clearip.relay.control import ControlServer
 from clearip.relay.emergency import EmergencyNumbers
 from clearip.relay.metrics import MetricsServer, registry_for
+from clearip.relay.policy import SourcePolicy
 from clearip.relay.proxy.core import ProxyCore
 from clearip.relay.proxy.effects import CallFinished, CancelTimer, Effect, Send, StartTimer
 from clearip.relay.proxy.routing import Locality
@@ -28,7 +30,7 @@ from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.transport.endpoint import SipEndpoint
 from clearip.relay.transport.peer import LocalAddress, Peer
 from clearip.relay.transport.tls import client_context
-from clearip.relay.trust import Role, TrustList, load_trust_file
+from clearip.relay.trust import Role, TrustList
 from clearip.relay.upstream import UpstreamLink
 
 log = logging.getLogger("clearip.daemon")
@@ -39,8 +41,16 @@ calls_log = logging.getLogger("clearip.calls")
 class Daemon:
     def __init__(self, config: ProxyConfig, trust: TrustList | None = None) -> None:
         self.config = config
-        self.trust = trust if trust is not None else load_trust_file(config.trust_file)
-        self.emergency = EmergencyNumbers(config.emergency_numbers)
+        if trust is None:
+            self.policy = SourcePolicy.load(
+                config.trust_file, config.emergency_numbers, config.state_dir
+            )
+        else:
+            self.policy = SourcePolicy(
+                trust, config.trust_file, EmergencyNumbers(config.emergency_numbers)
+            )
+        self.trust = self.policy.trust
+        self.control: ControlServer | None = None
         self.counters: Counter[str] = Counter()
         self.started = time.time()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -78,11 +88,11 @@ class Daemon:
         self.metrics: MetricsServer | None = None
         self.notifier = Notifier()
         self._watchdog: asyncio.Task[None] | None = None
-        self.kernel_status: Callable[[], dict[str, Any] | None] = lambda: None
+        self.kernel_status: Callable[[], dict[str, Any] | None] = self.policy.kernel_status
         self.core = ProxyCore(
             config,
             role_of=self.trust.role_of,
-            emergency=lambda: self.emergency,
+            emergency=lambda: self.policy.emergency,
             locality=self.locality,
             local_for=self._local_for,
             upstream=self._upstream_peer,
@@ -195,6 +205,16 @@ class Daemon:
         for link in set(self.links.values()):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(link.attempted.wait(), 10)
+        await self._start_kernel_filter()
+        if self.config.control_socket:
+            self.control = ControlServer(
+                self.config.control_socket, self.policy, self.status, self.stats
+            )
+            try:
+                await self.control.start()
+            except OSError as exc:
+                log.error("control socket %s unavailable: %s", self.config.control_socket, exc)
+                self.control = None
         if self.config.metrics_enabled:
             self.metrics = MetricsServer(registry_for(self.snapshot))
             port = await self.metrics.start(self.config.metrics_address, self.config.metrics_port)
@@ -206,15 +226,47 @@ class Daemon:
                 watchdog(self.notifier, interval, self.one_line_status)
             )
 
+    async def _start_kernel_filter(self) -> None:
+        xdp = self.config.xdp
+        if not xdp.enabled:
+            self.policy.attach_kernel(None, "disabled in the config (xdp.enabled)")
+            return
+        if not xdp.interfaces:
+            self.policy.attach_kernel(None, "no interfaces configured (xdp.interfaces)")
+            return
+        from clearip.bpf.loader import EdgeFilter, FilterUnavailable
+
+        def load() -> EdgeFilter:
+            return EdgeFilter.start(
+                interfaces=list(xdp.interfaces),
+                mode=xdp.mode,
+                udp_ports=xdp.udp_ports,
+                tcp_ports=xdp.tcp_ports,
+                pin_dir=xdp.pin_dir,
+                trust=self.policy.trust,
+                emergency=self.policy.emergency.numbers(),
+            )
+
+        try:
+            edge = await asyncio.get_running_loop().run_in_executor(None, load)
+        except FilterUnavailable as exc:
+            log.error(
+                "kernel filter off: %s. Fix: %s. Calls are still relayed; the relay refuses "
+                "untrusted sources itself.",
+                exc.reason,
+                exc.fix,
+            )
+            self.policy.attach_kernel(None, exc.reason)
+            return
+        self.policy.attach_kernel(edge)
+        log.info("kernel filter on: %s", self.policy.describe_kernel())
+
     def reload(self) -> None:
         """SIGHUP: re-read the trust list (what can change without re-binding sockets)."""
         try:
-            fresh = load_trust_file(self.config.trust_file)
+            self.policy.reload()
         except ValueError as exc:
             log.error("reload refused, keeping the current trust list: %s", exc)
-            return
-        self.trust.replace(fresh.entries())
-        log.info("trust list reloaded: %d entries", len(self.trust))
 
     def status(self) -> dict[str, Any]:
         return {
@@ -225,7 +277,12 @@ class Daemon:
             "active_transactions": self.core.active_transactions,
             "connections": len(self.endpoint.connections),
             "trust_entries": len(self.trust),
+            "kernel_filter": self.policy.describe_kernel(),
+            "emergency_numbers": self.policy.emergency.numbers(),
         }
+
+    def stats(self) -> dict[str, Any]:
+        return {"relay": dict(sorted(self.counters.items())), "kernel": self.policy.kernel_status()}
 
     def snapshot(self) -> dict[str, Any]:
         """Everything the metrics collector reads, taken on the event loop."""
@@ -263,6 +320,11 @@ class Daemon:
             self._watchdog.cancel()
         if self.metrics is not None:
             await self.metrics.close()
+        if self.control is not None:
+            await self.control.close()
+        kernel = self.policy.kernel
+        if kernel is not None and hasattr(kernel, "close"):
+            kernel.close()  # the filter stays attached: the host stays protected
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()

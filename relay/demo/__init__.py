@@ -151,6 +151,8 @@ async def run_demo(
         inbound=upstream,
         upstream_timeout=upstream_timeout,
         trust_file=str(workdir / "trust.toml"),
+        control_socket=str(workdir / "control.sock"),
+        state_dir=str(workdir),
         metrics_enabled=False,
     )
     daemon = Daemon(config, trust)
