@@ -112,8 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     detach = xdp.add_parser("detach", help="remove the XDP filter and its pinned maps")
-    detach.add_argument("--pin-dir", default="/sys/fs/bpf/clearip")
-    detach.add_argument("--interface", action="append", default=[])
+    detach.add_argument(
+        "--config",
+        default="/etc/clearip-proxy/proxy.toml",
+        help="read xdp.interfaces and xdp.pin_dir from this config",
+    )
+    detach.add_argument("--pin-dir", help="pinned maps (default: from the config)")
+    detach.add_argument(
+        "--interface",
+        action="append",
+        default=[],
+        help="interface to detach from (default: xdp.interfaces)",
+    )
     return parser
 
 
@@ -176,8 +186,17 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "xdp":
         from clearip.bpf.loader import detach_pinned
 
-        detach_pinned(args.pin_dir, args.interface)
-        print(f"kernel filter detached ({args.pin_dir} removed)")
+        interfaces, pin_dir = list(args.interface), args.pin_dir
+        if Path(args.config).exists():
+            from clearip.relay.config import load_config
+
+            config = load_config(args.config)
+            interfaces = interfaces or list(config.xdp.interfaces)
+            pin_dir = pin_dir or config.xdp.pin_dir
+        pin_dir = pin_dir or "/sys/fs/bpf/clearip"
+        detach_pinned(pin_dir, interfaces)
+        where = ", ".join(interfaces) or "no interface named"
+        print(f"kernel filter detached from {where}; {pin_dir} removed")
         return EXIT_OK
     if args.command == "trust":
         # Validate locally first so bad input never reaches the daemon or the file.

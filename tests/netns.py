@@ -82,3 +82,15 @@ def destroy(topo: Topology) -> None:
             netns.remove(host.ns)
     with contextlib.suppress(Exception):
         netns.remove(topo.proxy_ns)
+
+
+def in_namespace(ns: str, module: str, *args: str) -> list[str]:
+    """A command line running ``python -m module args`` inside ``ns`` (setns via pyroute2)."""
+    import sys
+
+    code = (
+        "import runpy, sys; from pyroute2 import netns; "
+        f"netns.setns({ns!r}); sys.argv = [{module!r}, *sys.argv[1:]]; "
+        f"runpy.run_module({module!r}, run_name='__main__')"
+    )
+    return [sys.executable, "-c", code, *args]
