@@ -229,7 +229,11 @@ def test_unit_has_the_required_settings(built: Built) -> None:
         assert unit.get(key) == [value], (key, unit.get(key))
     assert unit["WatchdogSec"] and unit["LimitNOFILE"]
     assert int(unit["LimitNOFILE"][0]) >= 65536
-    assert set(unit["ReadWritePaths"][0].split()) == {"/var/lib/clearip-proxy", "/sys/fs/bpf"}
+    assert set(unit["ReadWritePaths"][0].split()) == {
+        "/var/lib/clearip-proxy",
+        "/sys/fs/bpf",
+        "/etc/clearip-proxy",  # clearipctl trust add/remove: the daemon rewrites trust.toml
+    }
     caps = set(unit["CapabilityBoundingSet"][0].split())
     assert caps <= {
         "CAP_NET_BIND_SERVICE",
