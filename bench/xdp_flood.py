@@ -1,6 +1,7 @@
 """Flood benchmark for the kernel edge filter (root): XDP vs nftables vs userspace vs nothing.
 
-Run: ``.venv/bin/python -m bench.xdp_flood [SECONDS]`` (default 5 s per configuration).
+Run: ``.venv/bin/python -m bench.xdp_flood [SECONDS]`` (default 5 s per configuration;
+``SENDER_CPUS=1`` leaves a core free for the receiving side).
 
 An untrusted namespace floods SIP-sized UDP datagrams at the proxy namespace's port 5060 with
 trafgen (netsniff-ng) while a trusted namespace sends a request every 10 ms to a UDP echo
@@ -54,6 +55,9 @@ print(json.dumps({"received": received, "dropped": dropped, "answered": answered
 """
 
 
+SENDER_CPUS = int(os.environ.get("SENDER_CPUS", "2"))
+
+
 def _cpu_jiffies() -> int:
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     idle = int(fields[3]) + int(fields[4])
@@ -66,6 +70,18 @@ def _proc_cpu(pid: int) -> int:
     except OSError:
         return 0
     return int(stat[11]) + int(stat[12])
+
+
+def _tree_cpu(pid: int) -> int:
+    """CPU jiffies of a process and its children (timeout -> trafgen)."""
+    total = _proc_cpu(pid)
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        for child in children.read_text().split():
+            total += _tree_cpu(int(child))
+    except OSError:
+        pass
+    return total
 
 
 def _mac(topo: Topology, ifname: str) -> str:
@@ -149,24 +165,25 @@ def run_one(topo: Topology, name: str, seconds: float, directory: Path) -> dict[
     sender = subprocess.Popen(
         _nsenter(
             topo.hosts["untrusted"].ns,
+            "timeout",
+            str(seconds),
             "trafgen",
             "--dev",
             topo.hosts["untrusted"].ifname,
             "--conf",
             str(_trafgen_config(topo, directory)),
             "--cpus",
-            "1",
-            "--silent",
+            str(SENDER_CPUS),
         ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     caller.start()
     started = time.monotonic()
-    time.sleep(seconds)
-    sender_cpu = _proc_cpu(sender.pid)
-    sender.terminate()
-    sender.wait(10)
+    sender_cpu = 0
+    while sender.poll() is None:
+        sender_cpu = max(sender_cpu, _tree_cpu(sender.pid))
+        time.sleep(0.2)
     elapsed = time.monotonic() - started
     cpu1 = _cpu_jiffies()
     caller.join()
