@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+
+import pytest
 
 
 def test_demo_runs_all_calls_and_exits_zero() -> None:
@@ -38,3 +41,20 @@ def test_demo_plain_text_report_when_piped() -> None:
     assert "\033[" not in result.stdout
     assert "7 of 7 calls behaved as expected." in result.stdout
     assert "proxy -> ClearIP    INVITE" in result.stdout
+
+
+@pytest.mark.root
+@pytest.mark.xdp
+def test_demo_with_the_kernel_filter_on_loopback() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "clearip.relay.cli", "demo", "--xdp"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    out = result.stdout
+    assert "Kernel filter: on (lo generic)" in out
+    assert re.search(r"emergency_marked\s+1\n", out), out[-800:]
+    assert re.search(r"dropped_untrusted\s+1\n", out)
+    assert "dropped from 127.0.0.9: 1" in out

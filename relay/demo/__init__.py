@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clearip.relay.config import ProxyConfig, UpstreamConfig
+from clearip.relay.config import ProxyConfig, UpstreamConfig, XdpConfig
 from clearip.relay.daemon import Daemon
 from clearip.relay.demo.agents import CallResult, Uac, Uas
 from clearip.relay.demo.ladder import Ladder
@@ -102,8 +103,20 @@ class Outcome:
     ladder: list[str]
 
 
+@dataclass
+class KernelReport:
+    status: str
+    counters: dict[str, int]
+    top_dropped: list[tuple[str, int]]
+
+
 async def run_demo(
-    *, keep_running: bool = False, colour: bool = False, upstream_timeout: float = 1.0
+    *,
+    keep_running: bool = False,
+    colour: bool = False,
+    upstream_timeout: float = 1.0,
+    xdp: bool = False,
+    kernel: list[KernelReport] | None = None,
 ) -> list[Outcome]:
     workdir = Path(tempfile.mkdtemp(prefix="clearip-demo-"))
     provider_a = Uas(PROVIDER_A, answer=200)
@@ -145,8 +158,18 @@ async def run_demo(
         ca_file=str(certs.ca_file),
         server_name="localhost",
     )
+    port = _free_port()
+    xdp_config = XdpConfig(
+        enabled=xdp,
+        interfaces=("lo",),
+        mode="generic",
+        udp_ports=(port,),
+        tcp_ports=(port,),
+        pin_dir=f"/sys/fs/bpf/clearip-demo-{os.getpid()}",
+    )
     config = ProxyConfig(
-        listeners=(ListenerSpec("udp", "127.0.0.1", 0), ListenerSpec("tcp", "127.0.0.1", 0)),
+        listeners=(ListenerSpec("udp", "127.0.0.1", port), ListenerSpec("tcp", "127.0.0.1", port)),
+        xdp=xdp_config,
         outbound=upstream,
         inbound=upstream,
         upstream_timeout=upstream_timeout,
@@ -203,13 +226,31 @@ async def run_demo(
         provider_a.invites.clear()
         provider_b.invites.clear()
 
+    if xdp and kernel is not None:
+        edge = daemon.policy.kernel
+        if edge is not None:
+            # One INVITE from an address outside the trust list, for the kernel to drop.
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+                stranger.bind(("127.0.0.9", 0))
+                stranger.sendto(
+                    b"INVITE sip:12125550100@127.0.0.1 SIP/2.0\r\n\r\n", ("127.0.0.1", port)
+                )
+            await asyncio.sleep(0.1)
+            kernel.append(
+                KernelReport(daemon.policy.describe_kernel(), edge.counters(), edge.top_dropped(5))
+            )
+        else:
+            kernel.append(KernelReport(daemon.policy.describe_kernel(), {}, []))
     if keep_running:
         _print_keep_running(proxy_port, tls_port)
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
             pass
+    kernel_filter = daemon.policy.kernel
     await daemon.close()
+    if kernel_filter is not None and hasattr(kernel_filter, "detach"):
+        kernel_filter.detach()  # the demo leaves nothing attached to lo
     await emulator.close()
     for closing in (provider_a, provider_b, provider_a_fail, switch_in, switch, carrier):
         await closing.close()
@@ -262,6 +303,21 @@ def _judge(
     return str(final), False
 
 
+def _free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 (the kernel filter needs it up front)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise OSError("no free port on 127.0.0.1")
+
+
 def _print_keep_running(proxy_port: int, tls_port: int) -> None:
     print()
     print(
@@ -305,11 +361,20 @@ def main(*, json_output: bool = False, keep_running: bool = False, xdp: bool = F
     if xdp and os.geteuid() != 0:
         print("--xdp needs root (it loads the kernel filter on lo)", file=sys.stderr)
         return 2
-    outcomes = asyncio.run(run_demo(keep_running=keep_running, colour=colour))
+    kernel: list[KernelReport] = []
+    outcomes = asyncio.run(
+        run_demo(keep_running=keep_running, colour=colour, xdp=xdp, kernel=kernel)
+    )
     if json_output:
         print(json.dumps([_as_json(o) for o in outcomes], indent=2))
     else:
         print_report(outcomes, colour=colour)
+        for report in kernel:
+            print(f"\nKernel filter: {report.status}")
+            for name, value in report.counters.items():
+                print(f"  {name:20s} {value}")
+            for address, count in report.top_dropped:
+                print(f"  dropped from {address}: {count}")
     return 0 if all(o.ok for o in outcomes) else 1
 
 
