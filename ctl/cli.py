@@ -12,6 +12,7 @@ import json
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         command = sub.add_parser(name, help=text)
         command.add_argument("--json", action="store_true")
+    trace = sub.add_parser(
+        "trace", help="stream the SIP the daemon sends and receives (every leg, TLS included)"
+    )
+    trace.add_argument("--call-id", help="only this Call-ID")
+    trace.add_argument("--number", help="only messages mentioning this number")
+    trace.add_argument("--pcap", metavar="FILE", help="write a pcap (Wireshark, sngrep)")
+    trace.add_argument("--seconds", type=float, help="stop after this long (default: Ctrl-C)")
     xdp = sub.add_parser("xdp", help="the kernel filter").add_subparsers(
         dest="action", required=True
     )
@@ -181,7 +189,56 @@ def _print_trust(entries: list[dict[str, str]], args: argparse.Namespace) -> int
     return EXIT_OK
 
 
+def trace(args: argparse.Namespace) -> int:
+    from clearip.relay.trace import PCAP_HEADER, pcap_record, render_text
+
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(args.socket)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return _error(f"clearip-proxy is not running (no socket at {args.socket})", EXIT_NO_DAEMON)
+    request = {"cmd": "trace", "call_id": args.call_id, "number": args.number}
+    sock.sendall(json.dumps(request).encode() + b"\n")
+    stream = sock.makefile("rb")
+    first = json.loads(stream.readline() or b"{}")
+    if not first.get("ok"):
+        return _error(str(first.get("error", "trace refused")), EXIT_FAILED)
+    pcap = open(args.pcap, "wb") if args.pcap else None  # noqa: SIM115 - closed below
+    if pcap is not None:
+        pcap.write(PCAP_HEADER)
+        pcap.flush()
+    deadline = time.monotonic() + args.seconds if args.seconds else None
+    count = 0
+    try:
+        while True:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                sock.settimeout(remaining)
+            line = stream.readline()
+            if not line:
+                break
+            item = json.loads(line)
+            count += 1
+            if pcap is not None:
+                pcap.write(pcap_record(item))
+                pcap.flush()
+            else:
+                print(render_text(item), flush=True)
+    except (TimeoutError, KeyboardInterrupt):
+        pass
+    finally:
+        sock.close()
+        if pcap is not None:
+            pcap.close()
+            print(f"{count} messages written to {args.pcap}", file=sys.stderr)
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.command == "trace":
+        return trace(args)
     client = Client(args.socket)
     if args.command == "xdp":
         from clearip.bpf.loader import detach_pinned

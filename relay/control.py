@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from clearip.relay.policy import SourcePolicy
+from clearip.relay.trace import Subscriber
 from clearip.relay.trust import (
     TrustEntry,
     TrustError,
@@ -42,7 +43,9 @@ class ControlServer:
         stats: Callable[[], dict[str, Any]],
         *,
         allow_uid: int = 0,
+        subscribe: Callable[[Subscriber], Callable[[], None]] | None = None,
     ) -> None:
+        self.subscribe = subscribe
         self.path = Path(path)
         self.policy = policy
         self.status = status
@@ -102,6 +105,9 @@ class ControlServer:
                     return
                 if not line:
                     return
+                if line.startswith(b'{"cmd": "trace"') and self.subscribe is not None:
+                    await self._trace(json.loads(line), reader, writer)
+                    return
                 writer.write(json.dumps(self.handle_line(line)).encode() + b"\n")
                 await writer.drain()
         except ConnectionError:
@@ -110,6 +116,30 @@ class ControlServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    async def _trace(
+        self, request: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Stream trace records until the client goes away."""
+        assert self.subscribe is not None
+        subscriber = Subscriber(
+            call_id=request.get("call_id") or None, number=request.get("number") or None
+        )
+        unsubscribe = self.subscribe(subscriber)
+        gone = asyncio.ensure_future(reader.read())
+        try:
+            writer.write(b'{"ok": true, "result": "tracing"}\n')
+            while not gone.done():
+                getter = asyncio.ensure_future(subscriber.queue.get())
+                done, _ = await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    break
+                writer.write(json.dumps(getter.result()).encode() + b"\n")
+                await writer.drain()
+        finally:
+            unsubscribe()
+            gone.cancel()
 
     def handle_line(self, line: bytes) -> dict[str, Any]:
         try:

@@ -27,6 +27,8 @@ from clearip.relay.proxy.effects import CallFinished, CancelTimer, Effect, Send,
 from clearip.relay.proxy.routing import Locality
 from clearip.relay.sdnotify import Notifier, watchdog, watchdog_interval
 from clearip.relay.sip.message import Message, Request, Response
+from clearip.relay.trace import Subscriber
+from clearip.relay.trace import record as trace_record
 from clearip.relay.transport.endpoint import SipEndpoint
 from clearip.relay.transport.peer import LocalAddress, Peer
 from clearip.relay.transport.tls import client_context
@@ -51,6 +53,7 @@ class Daemon:
             )
         self.trust = self.policy.trust
         self.control: ControlServer | None = None
+        self.trace_subscribers: list[Subscriber] = []
         self.counters: Counter[str] = Counter()
         self.started = time.time()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -208,7 +211,11 @@ class Daemon:
         await self._start_kernel_filter()
         if self.config.control_socket:
             self.control = ControlServer(
-                self.config.control_socket, self.policy, self.status, self.stats
+                self.config.control_socket,
+                self.policy,
+                self.status,
+                self.stats,
+                subscribe=self.subscribe_trace,
             )
             try:
                 await self.control.start()
@@ -280,6 +287,41 @@ class Daemon:
             "kernel_filter": self.policy.describe_kernel(),
             "emergency_numbers": self.policy.emergency.numbers(),
         }
+
+    def subscribe_trace(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Start tracing for one client; the returned function stops it."""
+        self.trace_subscribers.append(subscriber)
+        self.endpoint.tracer = self._trace
+
+        def unsubscribe() -> None:
+            if subscriber in self.trace_subscribers:
+                self.trace_subscribers.remove(subscriber)
+            if not self.trace_subscribers:
+                self.endpoint.tracer = None  # tracing off: no cost per message
+
+        return unsubscribe
+
+    def _trace(self, direction: str, message: Message, peer: Peer) -> None:
+        local: tuple[str, int]
+        conn = self.endpoint.connections.get(peer.conn) if peer.conn is not None else None
+        if conn is not None and conn.transport is not None:
+            name = conn.transport.get_extra_info("sockname") or ("0.0.0.0", 0)
+            local = (str(name[0]), int(name[1]))
+        else:
+            address = self.endpoint.local_for(peer.transport, peer.host)
+            local = (address.host, address.port)
+        item = None
+        for subscriber in self.trace_subscribers:
+            if not subscriber.wants(message):
+                continue
+            if item is None:
+                item = trace_record(
+                    direction, message, peer.transport, local, (peer.host, peer.port)
+                )
+            try:
+                subscriber.queue.put_nowait(item)
+            except asyncio.QueueFull:
+                subscriber.lost += 1
 
     def stats(self) -> dict[str, Any]:
         return {"relay": dict(sorted(self.counters.items())), "kernel": self.policy.kernel_status()}

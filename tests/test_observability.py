@@ -110,3 +110,29 @@ def test_notify_socket_gets_ready_and_watchdog(tmp_path: Path) -> None:
             process.wait(10)
     assert "READY=1" in messages[0] and "STATUS=" in messages[0]
     assert sum("WATCHDOG=1" in m for m in messages) >= 3
+
+
+def test_kernel_counters_become_metric_families() -> None:
+    from collections import Counter
+
+    from prometheus_client import generate_latest
+
+    from clearip.relay.metrics import LatencyHistogram, registry_for
+
+    snapshot = {
+        "counters": Counter(),
+        "latency": LatencyHistogram(),
+        "active_calls": 0,
+        "active_transactions": 0,
+        "connections": 0,
+        "trust_entries": 2,
+        "upstreams": {},
+        "kernel": {
+            "interfaces": {"eth0": {"mode": "native", "attached": True}},
+            "counters": {"dropped_untrusted": 7, "emergency_marked": 1},
+        },
+    }
+    text = generate_latest(registry_for(lambda: snapshot)).decode()
+    assert _value(text, "clearip_xdp_attached", 'interface="eth0",mode="native"') == 1.0
+    assert _value(text, "clearip_xdp_packets_total", 'outcome="dropped_untrusted"') == 7.0
+    assert _value(text, "clearip_xdp_packets_total", 'outcome="emergency_marked"') == 1.0
