@@ -340,7 +340,7 @@ def test_daemon_with_filter_and_without(topo: Topology, tmp_path: Path) -> None:
             '[[listen]]\ntransport = "udp"\naddress = "0.0.0.0"\nport = 5060\n'
             '[upstream.outbound]\nuri = "sip:127.0.0.1:9;transport=tcp"\n'
             f'[xdp]\ninterfaces = {json.dumps(interfaces)}\nmode = "generic"\n'
-            f'pin_dir = "/sys/fs/bpf/cip-test-daemon"\n[metrics]\nenabled = false\n'
+            f'pin_dir = "/sys/fs/bpf/cip-test-daemon"\n[metrics]\nport = 9477\n'
         )
         log = tmp_path / "daemon.log"
         process = subprocess.Popen(
@@ -376,6 +376,15 @@ def test_daemon_with_filter_and_without(topo: Topology, tmp_path: Path) -> None:
                 capture_output=True, text=True, timeout=30,
             )  # fmt: skip
             data = json.loads(stats.stdout)
+            with topo.socket_in(topo.proxy_ns, socket.AF_INET, socket.SOCK_STREAM) as http:
+                http.settimeout(5)
+                http.connect(("127.0.0.1", 9477))
+                http.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                metrics = b""
+                while chunk := http.recv(65536):
+                    metrics += chunk
+            kernel_line = b'clearip_xdp_packets_total{outcome="dropped_untrusted"}'
+            assert (kernel_line in metrics) == expect_filter
             if expect_filter:
                 assert data["kernel"]["counters"]["dropped_untrusted"] >= 1
                 assert data["relay"].get("untrusted_dropped", 0) == 0  # never reached the relay
