@@ -282,3 +282,17 @@ def test_in_dialog_bye_routed_by_route_header_without_state(world: World) -> Non
     ok = reply_to(message, 200)
     back = sent(world.send(ok, Peer("udp", "198.51.100.30", 5060)))
     assert back and back[0][1] == Peer("udp", "192.0.2.10", 5060)
+
+
+def test_double_record_route_when_transport_changes(world: World) -> None:
+    relayed = next(m for m, p in sent(world.send(invite())) if p == CLEARIP)
+    assert isinstance(relayed, Request)
+    contact = "Contact: <sip:b@198.51.100.21:5060;transport=tcp>\r\n"
+    effects = world.send(reply_to(relayed, 302, extra=contact), CLEARIP)
+    branch = next(m for m, p in sent(effects) if isinstance(m, Request) and m.method == "INVITE")
+    assert isinstance(branch, Request)
+    # Outgoing side (TCP, towards the callee) on top, incoming side (UDP) below it.
+    assert branch.get_all("record-route") == [
+        "<sip:203.0.113.5:5060;transport=tcp;lr>",
+        "<sip:203.0.113.5:5060;lr>",
+    ]
