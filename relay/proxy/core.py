@@ -68,6 +68,7 @@ from clearip.relay.sip.transaction import (
     ClientNonInviteTransaction,
     ServerInviteTransaction,
 )
+from clearip.relay.sip.transaction.ack import cancel_for
 from clearip.relay.sip.transaction.actions import (
     Action,
     DeliverResponse,
@@ -615,7 +616,7 @@ class ProxyCore:
             branch.abandoned = True
             return []
         branch.cancelled = True
-        cancel = _cancel_for(branch.request)
+        cancel = cancel_for(branch.request)
         txn = ClientNonInviteTransaction(
             cancel, reliable=branch.peer.reliable, timers=self.config.timers
         )
@@ -628,7 +629,7 @@ class ProxyCore:
         if entry is None or not call.upstream_provisional or call.upstream_peer is None:
             return []
         txn = entry[0]
-        cancel = _cancel_for(txn.request)
+        cancel = cancel_for(txn.request)
         ctxn = ClientNonInviteTransaction(
             cancel, reliable=call.upstream_peer.reliable, timers=self.config.timers
         )
@@ -713,12 +714,9 @@ class ProxyCore:
     ) -> list[Effect]:
         effects: list[Effect] = []
         for action in actions:
-            if isinstance(action, SendMessage):
-                effects.append(Send(action.message, peer))
-            elif isinstance(action, TxStartTimer):
-                effects.append(StartTimer(("tx", key, action.name), action.delay))
-            elif isinstance(action, TxStopTimer):
-                effects.append(CancelTimer(("tx", key, action.name)))
+            io = _io_effect(key, action, peer)
+            if io is not None:
+                effects.append(io)
             elif isinstance(action, DeliverResponse):
                 if call is not None:
                     effects += self._call_response(key, call, action.response)
@@ -746,12 +744,9 @@ class ProxyCore:
     def _server_actions(self, key: object, actions: list[Action], peer: Peer) -> list[Effect]:
         effects: list[Effect] = []
         for action in actions:
-            if isinstance(action, SendMessage):
-                effects.append(Send(action.message, peer))
-            elif isinstance(action, TxStartTimer):
-                effects.append(StartTimer(("tx", key, action.name), action.delay))
-            elif isinstance(action, TxStopTimer):
-                effects.append(CancelTimer(("tx", key, action.name)))
+            io = _io_effect(key, action, peer)
+            if io is not None:
+                effects.append(io)
             elif isinstance(action, Terminated):
                 self.server_txns.pop(key, None)
                 call = self.by_server_key.get(key)
@@ -761,26 +756,19 @@ class ProxyCore:
         return effects
 
 
+def _io_effect(key: object, action: Action, peer: Peer) -> Effect | None:
+    """A transaction's send/timer action as the shell's effect (None for the others)."""
+    if isinstance(action, SendMessage):
+        return Send(action.message, peer)
+    if isinstance(action, TxStartTimer):
+        return StartTimer(("tx", key, action.name), action.delay)
+    if isinstance(action, TxStopTimer):
+        return CancelTimer(("tx", key, action.name))
+    return None
+
+
 def _dialled(request: Request) -> str | None:
     try:
         return uri_user_number(request.uri)
     except SipParseError:
         return None
-
-
-def _cancel_for(invite: Request) -> Request:
-    """§9.1: a CANCEL for ``invite``: same Request-URI, Call-ID, From, To, CSeq number, top
-    Via and Route headers."""
-    cancel = Request("CANCEL", invite.uri_text)
-    top_via = invite.get_all("via")[0]
-    cancel.append("Via", top_via)
-    for key in ("route",):
-        for value in invite.get_all(key):
-            cancel.append("Route", value)
-    cancel.append("Max-Forwards", "70")
-    cancel.append("From", invite.get("from") or "")
-    cancel.append("To", invite.get("to") or "")
-    cancel.append("Call-ID", invite.call_id)
-    cancel.append("CSeq", f"{invite.cseq[0]} CANCEL")
-    cancel.append("Content-Length", "0")
-    return cancel

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from clearip.relay.sip.errors import SipParseError
-from clearip.relay.sip.grammar import address_re, split_commas, split_params
+from clearip.relay.sip.grammar import address_re, find_param, split_commas, split_params
 from clearip.relay.sip.uri import Uri, parse_uri
 
 
@@ -19,11 +19,7 @@ class Address:
     angle: bool = True
 
     def param(self, name: str) -> str | None:
-        lname = name.lower()
-        for key, value in self.params:
-            if key.lower() == lname:
-                return "" if value is None else value
-        return None
+        return find_param(self.params, name)
 
     @property
     def tag(self) -> str | None:

@@ -49,6 +49,16 @@ date_re = re.compile(
 header_name_re = re.compile(TOKEN)
 
 
+def find_param(params: list[tuple[str, str | None]], name: str) -> str | None:
+    """A parameter's value, names compared case-insensitively ('' for a flag such as ``lr``;
+    None when absent)."""
+    lname = name.lower()
+    for key, value in params:
+        if key.lower() == lname:
+            return "" if value is None else value
+    return None
+
+
 def split_params(text: str) -> list[tuple[str, str | None]]:
     """``;a=1;b`` into ``[("a", "1"), ("b", None)]`` (names as written, values unquoted)."""
     return [(m.group(1), m.group(2)) for m in param_re.finditer(text)]

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from clearip.relay.sip.errors import SipParseError
+from clearip.relay.sip.grammar import find_param
 
 _sip_re = re.compile(
     r"(?P<scheme>sips?):(?:(?P<userinfo>[^@]*)@)?"
@@ -45,11 +46,7 @@ class SipUri:
 
     def param(self, name: str) -> str | None:
         """A parameter's value ('' for a flag such as ``lr``), or None when absent."""
-        lname = name.lower()
-        for key, value in self.params:
-            if key.lower() == lname:
-                return "" if value is None else value
-        return None
+        return find_param(self.params, name)
 
     def has_param(self, name: str) -> bool:
         return self.param(name) is not None

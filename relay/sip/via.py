@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from clearip.relay.sip.errors import SipParseError
-from clearip.relay.sip.grammar import split_params, via_re
+from clearip.relay.sip.grammar import find_param, split_params, via_re
 
 MAGIC_COOKIE = "z9hG4bK"
 DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061, "sctp": 5060, "ws": 80, "wss": 443}
@@ -19,11 +19,7 @@ class Via:
     params: list[tuple[str, str | None]] = field(default_factory=list)
 
     def param(self, name: str) -> str | None:
-        lname = name.lower()
-        for key, value in self.params:
-            if key.lower() == lname:
-                return "" if value is None else value
-        return None
+        return find_param(self.params, name)
 
     def set_param(self, name: str, value: str | None) -> None:
         lname = name.lower()

@@ -1,21 +1,31 @@
-"""The hop-by-hop ACK for a 300-699 response (RFC 3261 §17.1.1.3)."""
+"""Requests that belong to an INVITE's transaction: the hop-by-hop ACK for a 300-699
+(RFC 3261 §17.1.1.3) and the CANCEL (§9.1). Both copy the INVITE's Request-URI, Call-ID, From,
+CSeq number, top Via and Route headers; they differ in the method and where To comes from."""
 
 from __future__ import annotations
 
 from clearip.relay.sip.message import Request, Response
 
 
+def _same_transaction(invite: Request, method: str, to: str) -> Request:
+    request = Request(method, invite.uri_text)
+    request.append("Via", invite.get_all("via")[0])
+    for route in invite.get_all("route"):
+        request.append("Route", route)
+    request.append("Max-Forwards", "70")
+    request.append("From", invite.get("from") or "")
+    request.append("To", to)
+    request.append("Call-ID", invite.call_id)
+    request.append("CSeq", f"{invite.cseq[0]} {method}")
+    request.append("Content-Length", "0")
+    return request
+
+
 def ack_for(request: Request, response: Response) -> Request:
-    """Same Request-URI, Call-ID, From and CSeq number as the INVITE; To from the response;
-    one Via, the INVITE's top Via; the INVITE's Route headers."""
-    ack = Request("ACK", request.uri_text)
-    ack.append("Via", request.get_all("via")[0])
-    for route in request.get_all("route"):
-        ack.append("Route", route)
-    ack.append("Max-Forwards", "70")
-    ack.append("From", request.get("from") or "")
-    ack.append("To", response.get("to") or "")
-    ack.append("Call-ID", request.call_id)
-    ack.append("CSeq", f"{request.cseq[0]} ACK")
-    ack.append("Content-Length", "0")
-    return ack
+    """The ACK for a non-2xx final: To (with its tag) from the response."""
+    return _same_transaction(request, "ACK", response.get("to") or "")
+
+
+def cancel_for(invite: Request) -> Request:
+    """The CANCEL for a pending INVITE: To as in the INVITE."""
+    return _same_transaction(invite, "CANCEL", invite.get("to") or "")
