@@ -78,6 +78,7 @@ def relay(workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
     config.write_text(
         f'[proxy]\ntrust_file = "{workdir / "trust.toml"}"\n'
         f'control_socket = "{workdir / "control.sock"}"\nstate_dir = "{workdir}"\n'
+        "invite_rate_per_source = 0\n"
         '[[listen]]\ntransport = "udp"\naddress = "127.0.0.1"\nport = 5060\n'
         '[upstream.outbound]\nuri = "sip:127.0.0.1:5070;transport=udp"\n'
         '[xdp]\nenabled = false\n[metrics]\nenabled = false\n[log]\nlevel = "warning"\n'

@@ -84,6 +84,7 @@ class ProxyConfig:
     options_when_upstream_down: int = 503
     max_contacts: int = 10
     max_transactions: int = 100000
+    invite_rate_per_source: float = 1000.0
     outbound: UpstreamConfig = field(default_factory=UpstreamConfig)
     inbound: UpstreamConfig = field(default_factory=UpstreamConfig)
     emergency_numbers: tuple[str, ...] = DEFAULT_NUMBERS
@@ -231,6 +232,11 @@ def config_from_data(data: dict[str, Any]) -> ProxyConfig:
     for code in codes:
         if not 300 <= code <= 699:
             raise ConfigError(f"proxy.route_advance_codes has {code}: use final codes 300-699")
+    rate = float(p.get("invite_rate_per_source", float, 1000.0, "use INVITEs per second"))
+    if rate < 0:
+        raise ConfigError(
+            f"proxy.invite_rate_per_source = {rate} is invalid: use INVITEs per second (0 = no limit)"
+        )
     options_down = p.get("options_when_upstream_down", int, 503, "use 200 or 503")
     if options_down not in (200, 503):
         raise ConfigError(f"proxy.options_when_upstream_down = {options_down}: use 200 or 503")
@@ -245,6 +251,7 @@ def config_from_data(data: dict[str, Any]) -> ProxyConfig:
         options_when_upstream_down=options_down,
         max_contacts=int(p.positive("max_contacts", 10, "use a whole number > 0")),
         max_transactions=int(p.positive("max_transactions", 100000, "use a whole number > 0")),
+        invite_rate_per_source=rate,
     )
     p.finish()
 

@@ -79,6 +79,8 @@ PLAIN = {
     "bad_request_sent": ("clearip_bad_requests_answered", "Malformed requests answered 400"),
     "stray_response": ("clearip_stray_responses", "Responses matching no transaction"),
     "send_failed": ("clearip_send_failures", "Messages the transport could not send"),
+    "rate_limited": ("clearip_rate_limited", "INVITEs answered 503 by the per-source limit"),
+    "overload_rejected": ("clearip_overload_rejected", "INVITEs answered 503: too many calls"),
 }
 
 

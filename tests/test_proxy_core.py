@@ -296,3 +296,32 @@ def test_double_record_route_when_transport_changes(world: World) -> None:
         "<sip:203.0.113.5:5060;transport=tcp;lr>",
         "<sip:203.0.113.5:5060;lr>",
     ]
+
+
+def test_per_source_rate_limit_answers_503_but_never_for_emergencies(world: World) -> None:
+    world.core.config = ProxyConfig(invite_rate_per_source=3)
+    world.core.limiter = type(world.core.limiter)(3)
+    codes = []
+    for n in range(5):
+        effects = world.send(invite(branch=f"z9hG4bKrl{n}"))
+        codes.append(statuses(effects)[0])
+    assert codes == [100, 100, 100, 503, 503]
+    limited = world.send(invite(branch="z9hG4bKrl9"))
+    reply = next(m for m, _ in sent(limited))
+    assert isinstance(reply, Response) and reply.get("retry-after") == "1"
+    assert statuses(world.send(invite("911", branch="z9hG4bKsos"))) == [
+        100,
+        503,
+    ]  # bypass, not limited
+    world.now[0] = 1.0  # a second later the bucket has refilled
+    assert statuses(world.send(invite(branch="z9hG4bKrl10")))[0] == 100
+    assert world.core.counters["rate_limited"] == 3
+
+
+def test_too_many_pending_calls_get_503_except_emergencies(world: World) -> None:
+    world.core.config = ProxyConfig(max_transactions=2)
+    assert statuses(world.send(invite(branch="z9hG4bKm1")))[0] == 100
+    assert statuses(world.send(invite(branch="z9hG4bKm2")))[0] == 100
+    assert statuses(world.send(invite(branch="z9hG4bKm3"))) == [503]
+    assert statuses(world.send(invite("933", branch="z9hG4bKm4"))) == [100, 503]
+    assert world.core.counters["overload_rejected"] == 1

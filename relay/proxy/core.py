@@ -42,6 +42,7 @@ from clearip.relay.proxy.call import (
     best_response,
 )
 from clearip.relay.proxy.effects import CallFinished, CancelTimer, Effect, Send, StartTimer
+from clearip.relay.proxy.ratelimit import RateLimiter
 from clearip.relay.proxy.redirect import Target, read_redirect
 from clearip.relay.proxy.replies import make_reply
 from clearip.relay.proxy.routing import (
@@ -127,6 +128,7 @@ class ProxyCore:
         self.txn_ids: dict[int, object] = {}
         self._ids = itertools.count(1)
         self.latency = LatencyHistogram()
+        self.limiter = RateLimiter(config.invite_rate_per_source)
 
     # ------------------------------------------------------------------------------------
     # Introspection
@@ -318,6 +320,20 @@ class ProxyCore:
             self.counters["invite_retransmission"] += 1
             return self._server_actions(key, txn.on_request(request), speer)
         role = self.role_of(peer.host) or Role.SWITCH
+        emergency = (_dialled(request) or "") in self.emergency()
+        if not emergency:
+            # Protection comes before any state: an overloaded proxy or a flooding source
+            # gets a clear 503 with Retry-After, never emergency calls.
+            if len(self.server_txns) >= self.config.max_transactions:
+                self.counters["overload_rejected"] += 1
+                return self._reply_stateless(
+                    request, peer, 503, "Overloaded", extra=[("Retry-After", "5")]
+                )
+            if not self.limiter.allow(peer.host, self.clock()):
+                self.counters["rate_limited"] += 1
+                return self._reply_stateless(
+                    request, peer, 503, "Rate Limit Exceeded", extra=[("Retry-After", "1")]
+                )
         stamp_received(request, peer)
         max_forwards = request.get("max-forwards")
         if max_forwards is not None and max_forwards.strip() == "0":
@@ -343,7 +359,7 @@ class ProxyCore:
         effects = self._respond(call, make_reply(request, 100, "Trying", add_to_tag=False))
 
         number = _dialled(request)
-        if number is not None and number in self.emergency():
+        if emergency:
             call.emergency = True
             self.counters["emergency"] += 1
             log.warning(
