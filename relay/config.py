@@ -235,7 +235,8 @@ def config_from_data(data: dict[str, Any]) -> ProxyConfig:
     rate = float(p.get("invite_rate_per_source", float, 1000.0, "use INVITEs per second"))
     if rate < 0:
         raise ConfigError(
-            f"proxy.invite_rate_per_source = {rate} is invalid: use INVITEs per second (0 = no limit)"
+            f"proxy.invite_rate_per_source = {rate} is invalid: "
+            "use INVITEs per second (0 = no limit)"
         )
     options_down = p.get("options_when_upstream_down", int, 503, "use 200 or 503")
     if options_down not in (200, 503):
