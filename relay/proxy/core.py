@@ -632,26 +632,21 @@ class ProxyCore:
             branch.abandoned = True
             return []
         branch.cancelled = True
-        cancel = cancel_for(branch.request)
-        txn = ClientNonInviteTransaction(
-            cancel, reliable=branch.peer.reliable, timers=self.config.timers
-        )
-        key = client_key_for(cancel)
-        self.client_txns[key] = (txn, branch.peer, None)
-        return self._client_actions(key, txn.start(), branch.peer, None)
+        return self._send_cancel(branch.request, branch.peer)
 
     def _cancel_upstream(self, call: ProxyCall) -> list[Effect]:
         entry = self.client_txns.get(call.upstream_key)
         if entry is None or not call.upstream_provisional or call.upstream_peer is None:
             return []
-        txn = entry[0]
-        cancel = cancel_for(txn.request)
-        ctxn = ClientNonInviteTransaction(
-            cancel, reliable=call.upstream_peer.reliable, timers=self.config.timers
-        )
+        return self._send_cancel(entry[0].request, call.upstream_peer)
+
+    def _send_cancel(self, invite: Request, peer: Peer) -> list[Effect]:
+        """CANCEL a pending INVITE we sent (§9.1) in its own non-INVITE client transaction."""
+        cancel = cancel_for(invite)
+        txn = ClientNonInviteTransaction(cancel, reliable=peer.reliable, timers=self.config.timers)
         key = client_key_for(cancel)
-        self.client_txns[key] = (ctxn, call.upstream_peer, None)
-        return self._client_actions(key, ctxn.start(), call.upstream_peer, None)
+        self.client_txns[key] = (txn, peer, None)
+        return self._client_actions(key, txn.start(), peer, None)
 
     # -- finishing ---------------------------------------------------------------------------
     def _fail_open(self, call: ProxyCall, why: str) -> list[Effect]:
