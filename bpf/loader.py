@@ -1,34 +1,60 @@
-"""Loads the XDP edge filter through bcc, keeps its maps in step with the trust list.
+"""Loads the XDP edge filter through bcc and keeps its maps in step with the trust list.
 
-Lifecycle: :meth:`EdgeFilter.start` compiles ``xdp_filter.c`` (about 2 s), loads it, brings the
-pinned maps (``/sys/fs/bpf/clearip/``) in line with the trust list and emergency numbers by
-adding and removing only what changed, then attaches the program to each interface. A program
-already attached by a previous daemon keeps filtering with the same maps until the new one
-replaces it, so a restart or upgrade leaves no window without protection. :meth:`close` drops
-the daemon's handles and leaves the filter in force; :meth:`detach` removes it.
+Lifecycle
+    :meth:`EdgeFilter.start` compiles ``xdp_filter.c`` (about 2 s), loads it, fills its maps
+    (SIP ports, trust list, emergency numbers), then attaches it to each interface. Attaching
+    over a program that is already there (a previous daemon's) replaces it atomically: the
+    interface is never without a filter. The program is pinned at ``<pin_dir>/prog`` and its
+    maps under ``<pin_dir>/maps-<layout>/``, where ``<layout>`` is a digest of the C source:
 
-Attach modes: ``native`` (driver XDP), ``generic`` (skb XDP) or ``auto``: generic on virtual
-interfaces (veth, bridges, VLANs: measured here, native XDP on veth was several times slower
-because it forces a NAPI path on the peer), native on physical NICs with a fall-back to generic
-when the driver refuses.
+    - a restart with the same program *adopts* the pinned maps (counters and top offenders
+      carry on; the trust map is brought in line with the trust file entry by entry, additions
+      before removals, so no trusted source is ever dropped on the way);
+    - an upgrade that changed the program gets *fresh* maps, filled from the trust file before
+      the new program replaces the old one; the old maps are unpinned afterwards.
 
-Without bcc, kernel headers, or the privileges to load XDP, :class:`FilterUnavailable` says
-what is missing and how to fix it; the daemon then relies on its own source check.
+    :meth:`close` drops the daemon's handles and leaves the filter attached and pinned;
+    :meth:`detach` (and ``clearipctl xdp detach``) removes it.
+
+Attach modes
+    ``native`` (driver XDP), ``generic`` (skb XDP) or ``auto``: generic on virtual interfaces
+    (veth, bridges, VLANs, loopback...), native on physical NICs with a fall-back to generic
+    when the driver refuses. Measured here on a veth pair (``python -m bench.xdp_flood``),
+    native XDP on veth drops far fewer packets per second than generic, because it moves the
+    peer onto a NAPI path and is paid for on the sending side. Switching an interface between
+    modes (the operator changed ``xdp.mode``) needs the old program removed first: the kernel
+    refuses generic and native programs on one interface; that is the only moment without a
+    filter and is logged.
+
+Failure
+    Without bcc, kernel headers, privileges, or when an interface refuses the program,
+    :class:`FilterUnavailable` says what is missing and how to fix it. Interfaces this start had
+    already changed are put back as they were (the previous program, or none), so a failed
+    start never leaves a program whose maps nobody updates. The daemon then relies on its own
+    source check.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import hashlib
 import ipaddress
+import logging
 import os
 import platform
+import shutil
+import socket
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from clearip.bpf import syscall
 from clearip.relay.emergency import validate_number
 from clearip.relay.trust import IPNetwork, Role, TrustEntry
+
+log = logging.getLogger("clearip.xdp")
 
 SOURCE = Path(__file__).with_name("xdp_filter.c")
 DEFAULT_PIN_DIR = "/sys/fs/bpf/clearip"
@@ -39,9 +65,10 @@ OUTCOMES = (
     "emergency_marked",
     "parse_giveup",
 )
+MODES = ("auto", "native", "generic")
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
-VIRTUAL_KINDS = {"veth", "bridge", "vlan", "macvlan", "ipvlan", "dummy", "vxlan", "bond", "tun"}
+FLAGS = {"generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
 ROLE_VALUES = {Role.SWITCH: 1, Role.PROVIDER: 2}
 
 
@@ -68,6 +95,11 @@ def _bcc() -> Any:
     return bcc
 
 
+def layout(source: str) -> str:
+    """The pin sub-directory for a program text: same text, same maps."""
+    return "maps-" + hashlib.sha256(source.encode()).hexdigest()[:12]
+
+
 def _ensure_bpffs(pin_dir: Path) -> None:
     root = Path("/sys/fs/bpf")
     if not os.path.ismount(root):
@@ -82,26 +114,105 @@ def _ensure_bpffs(pin_dir: Path) -> None:
     pin_dir.mkdir(parents=True, exist_ok=True)
 
 
-def interface_kind(ifname: str) -> str | None:
-    """The link kind (veth, bridge...) or None for a physical interface; pyroute2 netlink."""
-    from pyroute2 import IPRoute
+def _link(ifname: str) -> Any:
+    """The RTM_GETLINK answer for ``ifname`` in the caller's namespace.
 
-    with IPRoute() as ipr:
-        links = ipr.link("get", ifname=ifname)
-        if not links:
-            return None
-        info = links[0].get_attr("IFLA_LINKINFO")
-        if info is None:
-            return None
-        kind = info.get_attr("IFLA_INFO_KIND")
-        return str(kind) if kind else None
+    One blocking netlink round trip with pyroute2's message classes, not its IPRoute: that one
+    runs an event loop of its own, which fails inside the daemon (uvloop) and must not run on
+    the daemon's loop when ``status()`` is called from the control socket.
+    """
+    from pyroute2.netlink import NLM_F_REQUEST
+    from pyroute2.netlink.rtnl import RTM_GETLINK, RTM_NEWLINK
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+
+    try:
+        index = socket.if_nametoindex(ifname)
+    except OSError:
+        raise FilterUnavailable(
+            f"no interface {ifname!r} here", "check xdp.interfaces (ip link shows the names)"
+        ) from None
+    request = ifinfmsg()
+    request["index"] = index
+    request["header"]["type"] = RTM_GETLINK
+    request["header"]["flags"] = NLM_F_REQUEST
+    request["header"]["sequence_number"] = 1
+    request.encode()
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as sock:
+        sock.settimeout(5)
+        sock.send(request.data)
+        data = sock.recv(65536)
+    reply = ifinfmsg(data)
+    reply.decode()
+    if reply["header"]["type"] != RTM_NEWLINK:
+        raise FilterUnavailable(
+            f"netlink could not describe interface {ifname!r}", "check xdp.interfaces"
+        )
+    return reply
+
+
+def interface_kind(ifname: str) -> str | None:
+    """The link kind (veth, bridge, vlan...) or None for a physical interface (no kind)."""
+    if ifname == "lo":
+        return "loopback"
+    info = _link(ifname).get_attr("IFLA_LINKINFO")
+    if info is None:
+        return None
+    kind = info.get_attr("IFLA_INFO_KIND")
+    return str(kind) if kind else None
+
+
+def attached_programs(ifname: str) -> dict[str, int]:
+    """Program ids attached to ``ifname`` by mode ("generic", "native"; absent: none)."""
+    link = _link(ifname)
+    xdp = link.get_attr("IFLA_XDP")
+    if xdp is None:
+        return {}
+    attrs = dict(xdp["attrs"])
+    out: dict[str, int] = {}
+    mode = attrs.get("IFLA_XDP_ATTACHED")
+    single = attrs.get("IFLA_XDP_PROG_ID")
+    for name, key, attached_as in (
+        ("generic", "IFLA_XDP_SKB_PROG_ID", "xdpgeneric"),
+        ("native", "IFLA_XDP_DRV_PROG_ID", "xdp"),
+    ):
+        if attrs.get(key):
+            out[name] = int(attrs[key])
+        elif single and mode == attached_as:
+            out[name] = int(single)
+    return out
+
+
+def choose_mode(ifname: str, mode: str) -> str:
+    if mode not in MODES:
+        raise FilterUnavailable(f"unknown XDP mode {mode!r}", "use auto, native or generic")
+    if mode != "auto":
+        return mode
+    kind = interface_kind(ifname)
+    return "native" if kind is None else "generic"
+
+
+def _set_xdp(ifname: str, fd: int, mode: str) -> None:
+    """Attach the program ``fd`` (atomically replacing what is there in that mode), or
+    remove it (fd -1); netlink through libbcc, in the caller's namespace."""
+    from bcc.libbcc import lib
+
+    result = lib.bpf_attach_xdp(ifname.encode(), fd, FLAGS[mode])
+    if result < 0:
+        err = ctypes.get_errno() or -result
+        raise OSError(
+            err, f"XDP {'detach from' if fd < 0 else 'attach to'} {ifname}: {os.strerror(err)}"
+        )
 
 
 class EdgeFilter:
-    def __init__(self, bpf: Any, pin_dir: Path, interfaces: dict[str, str]) -> None:
-        self.bpf = bpf
+    """The loaded filter: its maps, where it is attached, and how to read its counters."""
+
+    def __init__(self, bpf: Any, pin_dir: Path, interfaces: dict[str, str], prog_id: int) -> None:
+        self._bpf: Any = bpf
         self.pin_dir = pin_dir
         self.interfaces = interfaces  # ifname -> "native" | "generic"
+        self.prog_id = prog_id
+        self._ifindex: dict[int, str] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
     @classmethod
@@ -116,6 +227,9 @@ class EdgeFilter:
         trust: Iterable[TrustEntry] = (),
         emergency: Iterable[str] = (),
     ) -> EdgeFilter:
+        """Load, fill, attach and pin; raises :class:`FilterUnavailable` with the fix."""
+        names = list(interfaces)
+        wanted = {name: choose_mode(name, mode) for name in names}  # checks names and mode
         bcc = _bcc()
         if os.geteuid() != 0:
             raise FilterUnavailable(
@@ -126,10 +240,13 @@ class EdgeFilter:
             raise FilterUnavailable(f"no kernel headers at {headers}", install_hint())
         pins = Path(pin_dir)
         _ensure_bpffs(pins)
+        source = SOURCE.read_text()
+        maps = pins / layout(source)
+        maps.mkdir(exist_ok=True)
         try:
             bpf = bcc.BPF(
-                src_file=str(SOURCE).encode(),
-                cflags=[f'-DPIN_DIR="{pins}"', "-Wno-unused-value"],
+                text=source.encode(),
+                cflags=[f'-DPIN_DIR="{maps}"', "-Wno-unused-value"],
             )
             function = bpf.load_func(b"xdp_filter", bcc.BPF.XDP)
         except Exception as exc:  # bcc raises bare Exception for compile/load failures
@@ -137,63 +254,96 @@ class EdgeFilter:
                 f"the XDP program did not compile or load: {exc}",
                 "check that kernel headers match (" + install_hint() + ") and the bcc output",
             ) from None
-        edge = cls(bpf, pins, {})
-        edge._set_ports("sip_udp_ports", udp_ports)
-        edge._set_ports("sip_tcp_ports", tcp_ports)
-        edge.set_trust(trust)
-        edge.set_emergency(emergency)
-        for ifname in interfaces:
-            edge._attach(bcc, function, ifname, mode)
+        edge = cls(bpf, pins, {}, syscall.prog_id(function.fd))
+        try:
+            edge._set_ports("sip_udp_ports", udp_ports)
+            edge._set_ports("sip_tcp_ports", tcp_ports)
+            edge.set_trust(trust)
+            edge.set_emergency(emergency)
+        except Exception as exc:
+            bpf.cleanup()
+            raise FilterUnavailable(
+                f"cannot fill the XDP maps: {exc}", "check the trust list and emergency numbers"
+            ) from None
+        edge._attach_all(function.fd, names, wanted, fallback=mode == "auto")
         edge._pin_program(function.fd)
+        edge._remove_stale_pins(keep=maps)
         return edge
 
-    def _attach(self, bcc: Any, function: Any, ifname: str, mode: str) -> None:
-        chosen = mode
-        if mode == "auto":
-            try:
-                kind = interface_kind(ifname)
-            except Exception as exc:
-                raise FilterUnavailable(
-                    f"no interface {ifname!r}: {exc}", "check xdp.interfaces"
-                ) from None
-            chosen = "generic" if kind in VIRTUAL_KINDS or ifname == "lo" else "native"
-        flags = XDP_FLAGS_DRV_MODE if chosen == "native" else XDP_FLAGS_SKB_MODE
+    def _attach_all(
+        self, fd: int, names: list[str], wanted: dict[str, str], *, fallback: bool
+    ) -> None:
+        before = {name: attached_programs(name) for name in names}
+        changed: list[str] = []
         try:
-            bcc.BPF.attach_xdp(ifname, function, flags)
+            for name in names:
+                changed.append(name)
+                self.interfaces[name] = self._attach(fd, name, wanted[name], before[name], fallback)
+                self._ifindex[socket.if_nametoindex(name)] = name
+        except FilterUnavailable:
+            for name in changed:
+                _restore(name, before[name])
+            self._bpf.cleanup()
+            raise
+
+    def _attach(
+        self, fd: int, ifname: str, mode: str, present: dict[str, int], fallback: bool
+    ) -> str:
+        other = "generic" if mode == "native" else "native"
+        if other in present:
+            # The kernel allows one mode per interface: the old program must go first.
+            log.warning("XDP on %s: switching from %s to %s mode", ifname, other, mode)
+            _set_xdp(ifname, -1, other)
+        try:
+            _set_xdp(ifname, fd, mode)
+            return mode
         except Exception as exc:
-            if mode == "auto" and chosen == "native":
-                bcc.BPF.attach_xdp(ifname, function, XDP_FLAGS_SKB_MODE)
-                chosen = "generic"
-            else:
-                raise FilterUnavailable(
-                    f"cannot attach XDP ({chosen}) to {ifname}: {exc}",
-                    "check xdp.interfaces and xdp.mode (generic works on every interface)",
-                ) from None
-        self.interfaces[ifname] = chosen
+            if fallback and mode == "native":
+                log.warning("native XDP refused on %s (%s): using generic", ifname, exc)
+                return self._attach(fd, ifname, "generic", attached_programs(ifname), False)
+            raise FilterUnavailable(
+                f"cannot attach XDP ({mode}) to {ifname}: {exc}",
+                "check xdp.interfaces and xdp.mode (generic works on every interface)",
+            ) from None
 
     def _pin_program(self, fd: int) -> None:
-        from bcc.libbcc import lib
-
         path = self.pin_dir / "prog"
-        if path.exists():
+        with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        lib.bpf_obj_pin(fd, str(path).encode())
+        syscall.obj_pin(fd, str(path))
+
+    def _remove_stale_pins(self, keep: Path) -> None:
+        """Maps of an older program (another layout, or the flat layout of 0.1) go."""
+        for path in self.pin_dir.iterdir():
+            if path == keep or path.name == "prog":
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def detach(self) -> None:
         """Remove the filter from every interface and unpin program and maps."""
-        bcc = _bcc()
         for ifname, mode in list(self.interfaces.items()):
-            flags = XDP_FLAGS_DRV_MODE if mode == "native" else XDP_FLAGS_SKB_MODE
             try:
-                bcc.BPF.remove_xdp(ifname, flags)
-            except Exception:  # the interface may be gone already
-                pass
+                _set_xdp(ifname, -1, mode)
+            except Exception as exc:  # the interface may be gone already
+                log.info("XDP detach from %s: %s", ifname, exc)
         self.interfaces.clear()
         detach_pinned(self.pin_dir)
+        self.close()
 
     def close(self) -> None:
         """Release the daemon's handles; the attached program and pinned maps stay."""
-        self.bpf = None
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+    @property
+    def bpf(self) -> Any:
+        if self._bpf is None:
+            raise RuntimeError("the kernel filter handle is closed")
+        return self._bpf
 
     # -- maps ----------------------------------------------------------------------------------
     def _table(self, name: str) -> Any:
@@ -202,11 +352,13 @@ class EdgeFilter:
     def _set_ports(self, name: str, ports: Iterable[int]) -> None:
         table = self._table(name)
         wanted = {int(p) for p in ports}
+        for port in wanted:
+            if not 0 < port < 65536:
+                raise ValueError(f"invalid port {port}")
+            table[table.Key(port)] = table.Leaf(1)
         for key in list(table.keys()):
             if key.value not in wanted:
                 del table[key]
-        for port in wanted:
-            table[table.Key(port)] = table.Leaf(1)
 
     def _trust_key(self, network: IPNetwork) -> tuple[Any, Any]:
         if network.version == 4:
@@ -218,14 +370,15 @@ class EdgeFilter:
         return table, table.Key(network.prefixlen, addr16)
 
     def set_trust(self, entries: Iterable[TrustEntry]) -> None:
-        """Make the trust maps equal to ``entries``, touching only what differs."""
+        """Make the trust maps equal to ``entries``: additions first, then removals, so a
+        source trusted before and after is never dropped in between."""
         wanted = {entry.network: entry for entry in entries}
-        for current in self.trusted_networks():
-            if current not in wanted:
-                table, key = self._trust_key(current)
-                del table[key]
+        current = self.trusted_networks()
         for entry in wanted.values():
             self.add_trust(entry)
+        for network in current:
+            if network not in wanted:
+                self.remove_trust(network)
 
     def add_trust(self, entry: TrustEntry) -> None:
         table, key = self._trust_key(entry.network)
@@ -233,10 +386,8 @@ class EdgeFilter:
 
     def remove_trust(self, network: IPNetwork) -> None:
         table, key = self._trust_key(network)
-        try:
+        with contextlib.suppress(KeyError):
             del table[key]
-        except KeyError:
-            pass
 
     def trusted_networks(self) -> list[IPNetwork]:
         out: list[IPNetwork] = []
@@ -251,24 +402,34 @@ class EdgeFilter:
     def set_emergency(self, numbers: Iterable[str]) -> None:
         table = self._table("emergency")
         wanted = {validate_number(n).encode() for n in numbers}
-        for key in list(table.keys()):
-            if _number_of(key) not in wanted:
-                del table[key]
         for number in wanted:
             padded = number.ljust(16, b"\0")
             lo, hi = int.from_bytes(padded[:8], "little"), int.from_bytes(padded[8:], "little")
-            key = table.Key(lo, hi)
-            table[key] = table.Leaf(1)
+            table[table.Key(lo, hi)] = table.Leaf(1)
+        for key in list(table.keys()):
+            if _number_of(key) not in wanted:
+                del table[key]
 
     def emergency_numbers(self) -> list[str]:
         return sorted(_number_of(key).decode() for key in self._table("emergency"))
 
     # -- reading -------------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
+        """Packets per outcome since the maps were created, summed over CPUs."""
         table = self._table("counters")
         return {name: int(table.sum(table.Key(i)).value) for i, name in enumerate(OUTCOMES)}
 
+    def interface_counters(self) -> dict[str, dict[str, int]]:
+        """The same per receiving interface (by name where this filter attached it)."""
+        out: dict[str, dict[str, int]] = {}
+        for key, per_cpu in self._table("iface_counters").items():
+            totals = [sum(int(cpu.outcome[i]) for cpu in per_cpu) for i in range(len(OUTCOMES))]
+            name = self._ifindex.get(int(key.value), f"ifindex {int(key.value)}")
+            out[name] = dict(zip(OUTCOMES, totals, strict=True))
+        return out
+
     def top_dropped(self, n: int = 10) -> list[tuple[str, int]]:
+        """The sources dropped most (from a bounded LRU map: recent offenders)."""
         rows = []
         for key, value in self._table("dropped").items():
             raw = bytes(key.addr)
@@ -278,11 +439,23 @@ class EdgeFilter:
                 else str(ipaddress.IPv6Address(raw))
             )
             rows.append((address, int(value.value)))
-        rows.sort(key=lambda row: -row[1])
+        rows.sort(key=lambda row: (-row[1], row[0]))
         return rows[:n]
 
     def status(self) -> dict[str, dict[str, object]]:
-        return {name: {"mode": mode, "attached": True} for name, mode in self.interfaces.items()}
+        """Per interface: the mode and whether this program is really attached (netlink)."""
+        out: dict[str, dict[str, object]] = {}
+        for name, mode in self.interfaces.items():
+            try:
+                present = attached_programs(name)
+            except FilterUnavailable:
+                present = {}
+            out[name] = {"mode": mode, "attached": present.get(mode) == self.prog_id}
+        return out
+
+    def test_run(self, packet: bytes) -> tuple[int, bytes]:
+        """Run the loaded program on one frame without any interface: (XDP action, frame)."""
+        return syscall.prog_test_run(self.bpf.funcs[b"xdp_filter"].fd, packet)
 
 
 def _number_of(key: Any) -> bytes:
@@ -290,20 +463,62 @@ def _number_of(key: Any) -> bytes:
     return raw.rstrip(b"\0")
 
 
+def _restore(ifname: str, before: dict[str, int]) -> None:
+    """Put ``ifname`` back to the programs it had (by id) before a failed start."""
+    with contextlib.suppress(Exception):
+        for mode in FLAGS:
+            if mode not in before:
+                with contextlib.suppress(Exception):
+                    _set_xdp(ifname, -1, mode)
+        for mode, prog in before.items():
+            fd = syscall.prog_fd_by_id(prog)
+            try:
+                _set_xdp(ifname, fd, mode)
+            finally:
+                os.close(fd)
+
+
+def _all_interfaces() -> list[str]:
+    return [name for _, name in socket.if_nameindex()]
+
+
+def _walk(pins: Path) -> Iterator[Path]:
+    for path in sorted(pins.iterdir()):
+        if path.is_dir():
+            yield from _walk(path)
+        yield path
+
+
 def detach_pinned(pin_dir: str | Path = DEFAULT_PIN_DIR, interfaces: Iterable[str] = ()) -> None:
-    """Remove a filter left by a previous daemon (``clearipctl xdp detach``)."""
-    try:
-        bcc = _bcc()
-        for ifname in interfaces:
-            for flags in (XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE):
-                try:
-                    bcc.BPF.remove_xdp(ifname, flags)
-                except Exception:
-                    pass
-    except FilterUnavailable:
-        pass
+    """Remove a filter left by a previous daemon (``clearipctl xdp detach``): the pinned
+    program from the named interfaces (without names: from every interface of this namespace
+    that carries it), then every pin under ``pin_dir``. With names but no pinned program,
+    whatever XDP program those interfaces carry is removed."""
     pins = Path(pin_dir)
+    ours: int | None = None
+    if (pins / "prog").exists():
+        with contextlib.suppress(OSError):
+            fd = syscall.obj_get(str(pins / "prog"))
+            try:
+                ours = syscall.prog_id(fd)
+            finally:
+                os.close(fd)
+    names = list(interfaces)
+    if not names and ours is not None:
+        names = _all_interfaces()  # wherever the pinned program is attached
+    for ifname in names:
+        try:
+            present = attached_programs(ifname)
+        except FilterUnavailable:
+            continue
+        for mode, prog in present.items():
+            if ours is None or prog == ours:
+                with contextlib.suppress(Exception):
+                    _set_xdp(ifname, -1, mode)
     if pins.is_dir():
-        for path in pins.iterdir():
-            path.unlink()
+        for path in _walk(pins):
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink()
         pins.rmdir()

@@ -16,14 +16,25 @@
 //   connections' return traffic (it comes back to ephemeral ports).
 // - IPv4 with options is parsed by IHL. IPv6 whose next header is not UDP/TCP (extension
 //   headers) is passed up and counted as a parse give-up: the relay checks sources again.
-// - IPv4 fragments: the first fragment carries the ports and is filtered as usual; later
-//   fragments have no ports, so they are dropped when their source is untrusted and passed
-//   when it is trusted (the kernel reassembles them for the relay).
+// - IPv4 fragments: the first fragment (offset 0) carries the ports and is filtered as usual.
+//   When it is dropped, its (source, destination, IP ID, protocol) goes into the LRU map
+//   `frag_dropped`, and the later fragments of that datagram are dropped too. Other later
+//   fragments cannot be matched to a port: from a trusted source they pass (counted
+//   passed_trusted); from an untrusted one they pass counted as parse_giveup, because
+//   dropping them all would break fragmented non-SIP traffic (large DNS answers) and a later
+//   fragment whose first fragment never arrives cannot be reassembled into anything the relay
+//   would see. A later fragment that overtakes its first fragment is passed the same way and
+//   dies in reassembly once the first is dropped.
 // - Emergency marking: a UDP datagram to a SIP port from a trusted source that starts with
-//   "INVITE sip:", "INVITE sips:" or "INVITE tel:" followed by a number in the `emergency`
-//   map (digits only, at most 15; '+' and visual separators - . ( ) skipped) gets DSCP EF (46)
-//   in the IPv4 TOS (checksum fixed incrementally) or IPv6 traffic class, and is counted.
+//   "INVITE sip:", "INVITE sips:" or "INVITE tel:" (scheme in any case) followed by a number in
+//   the `emergency` map (digits only, at most 15, one leading '+' and the visual separators
+//   - . ( ) skipped, as relay/emergency.py normalises) and then '@', ';', ' ', '>' or '?' gets
+//   DSCP EF (46) in the IPv4 TOS (checksum fixed incrementally, ECN bits kept) or the IPv6
+//   traffic class (ECN bits kept), and is counted. Only the first fragment of a fragmented
+//   INVITE is marked; the reassembled datagram carries the first fragment's TOS.
 //   The relay reads the mark with IP_RECVTOS / IPV6_RECVTCLASS and handles it first.
+// - Counters: `counters` (per-CPU array, one slot per outcome) and `iface_counters` (per-CPU
+//   hash: ingress ifindex -> one slot per outcome) for the per-interface view.
 
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -76,6 +87,19 @@ struct vlan_hdr {
     __be16 proto;
 };
 
+// A dropped first fragment, so its later fragments are dropped too.
+struct frag_key {
+    u32 saddr;
+    u32 daddr;
+    u16 id;
+    u8 protocol;
+    u8 pad;
+};
+
+struct outcome_counts {
+    u64 outcome[COUNTERS];
+};
+
 BPF_TABLE_PINNED("lpm_trie", struct lpm_v4, u8, trust_v4, 65536, PIN_DIR "/trust_v4", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct lpm_v6, u8, trust_v6, 65536, PIN_DIR "/trust_v6", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", u16, u8, sip_udp_ports, 64, PIN_DIR "/sip_udp_ports");
@@ -83,13 +107,27 @@ BPF_TABLE_PINNED("hash", u16, u8, sip_tcp_ports, 64, PIN_DIR "/sip_tcp_ports");
 BPF_TABLE_PINNED("hash", struct number_key, u8, emergency, 256, PIN_DIR "/emergency");
 BPF_TABLE_PINNED("percpu_array", u32, u64, counters, COUNTERS, PIN_DIR "/counters");
 BPF_TABLE_PINNED("lru_hash", struct source_key, u64, dropped, 4096, PIN_DIR "/dropped");
+BPF_TABLE_PINNED("lru_hash", struct frag_key, u8, frag_dropped, 4096, PIN_DIR "/frag_dropped");
+BPF_TABLE_PINNED("percpu_hash", u32, struct outcome_counts, iface_counters, 256,
+                 PIN_DIR "/iface_counters");
 
-static __always_inline int count(u32 index, int action) {
+static __always_inline int count_on(struct xdp_md *ctx, u32 index, int action) {
     u64 *value = counters.lookup(&index);
     if (value)
         *value += 1;
+    u32 ifindex = ctx->ingress_ifindex;
+    struct outcome_counts *per_iface = iface_counters.lookup(&ifindex);
+    if (!per_iface) {
+        struct outcome_counts zero = {};
+        iface_counters.update(&ifindex, &zero);
+        per_iface = iface_counters.lookup(&ifindex);
+    }
+    if (per_iface && index < COUNTERS)
+        per_iface->outcome[index] += 1;
     return action;
 }
+
+#define count(index, action) count_on(ctx, (index), (action))
 
 static __always_inline void note_dropped(struct source_key *key) {
     u64 one = 1;
@@ -115,13 +153,15 @@ static __always_inline int is_emergency_invite(u8 *payload, void *end) {
     if (payload[0] != 'I' || payload[1] != 'N' || payload[2] != 'V' || payload[3] != 'I' ||
         payload[4] != 'T' || payload[5] != 'E' || payload[6] != ' ')
         return 0;
+    // URI schemes are case-insensitive (RFC 3261 19.1.4): compare with the ASCII case bit set.
+    u8 s0 = payload[7] | 0x20, s1 = payload[8] | 0x20, s2 = payload[9] | 0x20;
+    u8 s3 = payload[10] | 0x20;
     u32 offset;
-    if (payload[7] == 's' && payload[8] == 'i' && payload[9] == 'p' && payload[10] == ':')
+    if (s0 == 's' && s1 == 'i' && s2 == 'p' && payload[10] == ':')
         offset = 11;
-    else if (payload[7] == 's' && payload[8] == 'i' && payload[9] == 'p' && payload[10] == 's' &&
-             payload[11] == ':')
+    else if (s0 == 's' && s1 == 'i' && s2 == 'p' && s3 == 's' && payload[11] == ':')
         offset = 12;
-    else if (payload[7] == 't' && payload[8] == 'e' && payload[9] == 'l' && payload[10] == ':')
+    else if (s0 == 't' && s1 == 'e' && s2 == 'l' && payload[10] == ':')
         offset = 11;
     else
         return 0;
@@ -145,7 +185,9 @@ static __always_inline int is_emergency_invite(u8 *payload, void *end) {
             digits++;
             continue;
         }
-        if (c == '+' || c == '-' || c == '.' || c == '(' || c == ')')
+        if (c == '+' && i == 0)
+            continue;
+        if (c == '-' || c == '.' || c == '(' || c == ')')
             continue;
         if (c == '@' || c == ';' || c == ' ' || c == '>' || c == '?') {
             ended = 1;
@@ -170,9 +212,11 @@ static __always_inline void mark_ipv4_ef(struct iphdr *ip) {
 }
 
 static __always_inline void mark_ipv6_ef(struct ipv6hdr *ip6) {
+    // Traffic class = priority (its high nibble) : top nibble of flow_lbl[0] (its low
+    // nibble, whose two low bits are ECN and stay as they are).
     u8 tclass = DSCP_EF << 2;
     ip6->priority = tclass >> 4;
-    ip6->flow_lbl[0] = (u8)((tclass & 0x0f) << 4) | (ip6->flow_lbl[0] & 0x0f);
+    ip6->flow_lbl[0] = (u8)(((tclass & 0x0c) << 4) | (ip6->flow_lbl[0] & 0x3f));
 }
 
 int xdp_filter(struct xdp_md *ctx) {
@@ -196,6 +240,7 @@ int xdp_filter(struct xdp_md *ctx) {
     }
 
     struct source_key source = {};
+    struct frag_key first_fragment = {};
     u8 l4_protocol;
     void *l4;
     int trusted;
@@ -216,13 +261,20 @@ int xdp_filter(struct xdp_md *ctx) {
         trusted = trust_v4.lookup(&key) != NULL;
         source.family = 4;
         __builtin_memcpy(source.addr, &ip->saddr, 4);
+        struct frag_key frag = {
+            .saddr = ip->saddr, .daddr = ip->daddr, .id = ip->id, .protocol = l4_protocol};
         if (ip->frag_off & htons(0x1fff)) {
-            // A later fragment: no ports to look at.
+            // A later fragment: no ports to look at (see the header comment).
             if (trusted)
                 return count(COUNTER_PASSED_TRUSTED, XDP_PASS);
-            note_dropped(&source);
-            return count(COUNTER_DROPPED_UNTRUSTED, XDP_DROP);
+            if (frag_dropped.lookup(&frag)) {
+                note_dropped(&source);
+                return count(COUNTER_DROPPED_UNTRUSTED, XDP_DROP);
+            }
+            return count(COUNTER_PARSE_GIVEUP, XDP_PASS);
         }
+        if (ip->frag_off & htons(0x2000))
+            first_fragment = frag;  // more fragments follow: remember it if dropped
         l4 = cursor + header_length;
     } else if (proto == htons(ETH_P_IPV6)) {
         ip6 = cursor;
@@ -262,6 +314,10 @@ int xdp_filter(struct xdp_md *ctx) {
         return count(COUNTER_PASSED_NON_SIP, XDP_PASS);
     if (!trusted) {
         note_dropped(&source);
+        if (first_fragment.protocol) {
+            u8 one = 1;
+            frag_dropped.update(&first_fragment, &one);
+        }
         return count(COUNTER_DROPPED_UNTRUSTED, XDP_DROP);
     }
     if (payload && is_emergency_invite(payload, end)) {

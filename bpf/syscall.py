@@ -1,0 +1,101 @@
+"""The few bpf(2) commands the loader needs that bcc's Python API does not expose.
+
+Called directly through libc's ``syscall`` so nothing depends on which libbpf symbols a
+distribution's libbcc happens to export: pin an object, open a pinned one, open a program by
+id, read a program's id, and run a program once on a packet (BPF_PROG_TEST_RUN, for tests).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+# bpf(2) command numbers (include/uapi/linux/bpf.h, enum bpf_cmd).
+BPF_PROG_TEST_RUN = 10
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_OBJ_GET_INFO_BY_FD = 15
+
+_SYSCALL_NUMBERS = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351}
+_ATTR_SIZE = 144  # larger than every union member used here; the kernel wants the rest zero
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class BpfError(OSError):
+    pass
+
+
+def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
+    number = _SYSCALL_NUMBERS.get(platform.machine())
+    if number is None:
+        raise BpfError(0, f"bpf(2) syscall number unknown for {platform.machine()}")
+    result = _libc.syscall(
+        ctypes.c_long(number), ctypes.c_int(cmd), attr, ctypes.c_uint(ctypes.sizeof(attr))
+    )
+    if result < 0:
+        err = ctypes.get_errno()
+        raise BpfError(err, f"bpf command {cmd}: {os.strerror(err)}")
+    return int(result)
+
+
+def _attr() -> ctypes.Array[ctypes.c_char]:
+    return ctypes.create_string_buffer(_ATTR_SIZE)
+
+
+def _put(attr: ctypes.Array[ctypes.c_char], offset: int, ctype: type, value: int) -> None:
+    ctype.from_buffer(attr, offset).value = value  # type: ignore[attr-defined]
+
+
+def obj_pin(fd: int, path: str) -> None:
+    """Pin a program or map fd at ``path`` on a bpf file system."""
+    attr = _attr()
+    raw = ctypes.create_string_buffer(path.encode())
+    _put(attr, 0, ctypes.c_uint64, ctypes.addressof(raw))  # pathname
+    _put(attr, 8, ctypes.c_uint32, fd)  # bpf_fd
+    _bpf(BPF_OBJ_PIN, attr)
+
+
+def obj_get(path: str) -> int:
+    """A new fd for the object pinned at ``path`` (the caller closes it)."""
+    attr = _attr()
+    raw = ctypes.create_string_buffer(path.encode())
+    _put(attr, 0, ctypes.c_uint64, ctypes.addressof(raw))
+    return _bpf(BPF_OBJ_GET, attr)
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    attr = _attr()
+    _put(attr, 0, ctypes.c_uint32, prog_id)
+    return _bpf(BPF_PROG_GET_FD_BY_ID, attr)
+
+
+def prog_id(fd: int) -> int:
+    """The kernel-wide id of the program behind ``fd`` (what netlink reports per interface)."""
+    info = ctypes.create_string_buffer(256)  # struct bpf_prog_info: type u32, id u32, ...
+    attr = _attr()
+    _put(attr, 0, ctypes.c_uint32, fd)  # bpf_fd
+    _put(attr, 4, ctypes.c_uint32, ctypes.sizeof(info))  # info_len
+    _put(attr, 8, ctypes.c_uint64, ctypes.addressof(info))  # info
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    return int(ctypes.c_uint32.from_buffer(info, 4).value)
+
+
+def prog_test_run(fd: int, packet: bytes, repeat: int = 1) -> tuple[int, bytes]:
+    """Run the program once on ``packet``: its return code and the packet as it left it."""
+    data_in = ctypes.create_string_buffer(packet, len(packet))
+    data_out = ctypes.create_string_buffer(len(packet) + 256)
+    attr = _attr()
+    _put(attr, 0, ctypes.c_uint32, fd)  # prog_fd
+    _put(attr, 8, ctypes.c_uint32, len(packet))  # data_size_in
+    _put(attr, 12, ctypes.c_uint32, ctypes.sizeof(data_out))  # data_size_out
+    _put(attr, 16, ctypes.c_uint64, ctypes.addressof(data_in))  # data_in
+    _put(attr, 24, ctypes.c_uint64, ctypes.addressof(data_out))  # data_out
+    _put(attr, 32, ctypes.c_uint32, repeat)  # repeat
+    _bpf(BPF_PROG_TEST_RUN, attr)
+    retval = int(ctypes.c_uint32.from_buffer(attr, 4).value)
+    size_out = int(ctypes.c_uint32.from_buffer(attr, 12).value)
+    return retval, data_out.raw[:size_out]
