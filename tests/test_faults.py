@@ -174,12 +174,11 @@ def test_hostile_302_contacts_are_capped_and_filtered(tmp_path: Path) -> None:
             text = contacts.replace("{port}", str(fake.proxy_port))
             conn.sendall(reply(data, 302, "Moved Temporarily", f"Contact: {text}\r\n"))
 
-    with FakeClearIP(hostile) as fake:
-        with proxy_with(tmp_path, fake) as (port, proxy):
-            fake.proxy_port = port
-            # Nothing answers on the contacts: each is skipped after provider_timeout (1 s);
-            # max_contacts (10) bounds the attempts, so the switch gets its final in ~10 s.
-            elapsed = _switch(tmp_path, port, 408)
-            assert elapsed < 20
-            counters = proxy.counters()
-            assert counters["provider_timeout"] == 10
+    with FakeClearIP(hostile) as fake, proxy_with(tmp_path, fake) as (port, proxy):
+        fake.proxy_port = port
+        # Nothing answers on the contacts: each is skipped after provider_timeout (1 s);
+        # max_contacts (10) bounds the attempts, so the switch gets its final in ~10 s.
+        elapsed = _switch(tmp_path, port, 408)
+        assert elapsed < 20
+        counters = proxy.counters()
+        assert counters["provider_timeout"] == 10
