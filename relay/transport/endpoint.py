@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import itertools
 import logging
@@ -51,7 +52,9 @@ _CMSG_SPACE = socket.CMSG_SPACE(4) * 2
 _UDP_BATCH = 64
 
 
+@functools.lru_cache(maxsize=4096)
 def is_ip(host: str) -> bool:
+    """True for a literal IPv4/IPv6 address (cached: it is asked for every UDP send)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
