@@ -1,17 +1,28 @@
 """Who may send SIP, and which numbers are emergencies: one place that changes them all.
 
-A change (from ``clearipctl`` or SIGHUP) is validated first, then written to disk atomically,
-then applied to the kernel filter and to the relay's in-memory lists, so the file, the kernel
-and the relay never disagree for longer than one call. Emergency numbers start from the
-config; runtime changes are kept in ``<state_dir>/emergency.toml`` and survive restarts.
+Every change (``clearipctl``, SIGHUP) goes in this order: validate; write the file atomically;
+update the kernel filter's maps; update the relay's in-memory lists. When the kernel refuses,
+the file (and whatever part of the kernel change was made) is put back, so the file, the kernel
+and the relay keep agreeing; when validation or the file write fails, nothing has changed.
+
+The relay holds on to :attr:`SourcePolicy.trust` (it calls ``trust.role_of`` on every message),
+so that object is changed in place, never replaced. :attr:`SourcePolicy.emergency` is an
+immutable :class:`EmergencyNumbers` that is swapped whole: read it afresh on every INVITE.
+
+Emergency numbers come from the config. Numbers added or removed with ``clearipctl`` are kept in
+``<state_dir>/emergency.toml`` together with the config's list at that moment, and survive
+restarts as long as the config's list is unchanged; once the config's emergency numbers change,
+the config wins again (the state file is set aside with a log line). Without a state directory
+runtime changes last until the daemon stops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +38,7 @@ from clearip.relay.trust import (
 )
 
 log = logging.getLogger("clearip.policy")
+EMERGENCY_STATE = "emergency.toml"
 
 
 class KernelFilter(Protocol):
@@ -41,6 +53,10 @@ class KernelFilter(Protocol):
     def status(self) -> dict[str, dict[str, object]]: ...
 
 
+class PolicyError(RuntimeError):
+    """The kernel filter refused a change; it was rolled back (the message says so)."""
+
+
 class SourcePolicy:
     def __init__(
         self,
@@ -48,11 +64,18 @@ class SourcePolicy:
         trust_file: str | Path,
         emergency: EmergencyNumbers,
         state_dir: str | Path | None = None,
+        *,
+        config_numbers: Iterable[str] | None = None,
     ) -> None:
         self.trust = trust
         self.trust_file = Path(trust_file)
         self.emergency = emergency
         self.state_dir = Path(state_dir) if state_dir else None
+        self.config_numbers = (
+            sorted(validate_number(n) for n in config_numbers)
+            if config_numbers is not None
+            else emergency.numbers()
+        )
         self.kernel: KernelFilter | None = None
         self.kernel_error: str | None = "not started"
 
@@ -60,15 +83,16 @@ class SourcePolicy:
     def load(
         cls, trust_file: str | Path, numbers: Iterable[str], state_dir: str | Path | None = None
     ) -> SourcePolicy:
-        emergency = EmergencyNumbers(numbers)
-        saved = Path(state_dir) / "emergency.toml" if state_dir else None
+        """The trust file and the emergency numbers (config, or runtime changes kept in
+        ``state_dir`` while the config's list is what it was when they were made)."""
+        config = sorted(validate_number(n) for n in numbers)
+        emergency = EmergencyNumbers(config)
+        saved = Path(state_dir) / EMERGENCY_STATE if state_dir else None
         if saved is not None and saved.exists():
-            try:
-                data = tomllib.loads(saved.read_text())
-                emergency = EmergencyNumbers(data.get("numbers", []))
-            except (ValueError, OSError) as exc:
-                log.error("ignoring %s (%s): using the config's emergency numbers", saved, exc)
-        return cls(load_trust_file(trust_file), trust_file, emergency, state_dir)
+            emergency = _saved_emergency(saved, config) or emergency
+        return cls(
+            load_trust_file(trust_file), trust_file, emergency, state_dir, config_numbers=config
+        )
 
     def attach_kernel(self, kernel: KernelFilter | None, error: str | None = None) -> None:
         self.kernel = kernel
@@ -78,36 +102,64 @@ class SourcePolicy:
     def trust_add(self, entry: TrustEntry) -> None:
         if entry.network in self.trust:
             raise TrustError(f"{entry.cidr} is already in the trust list")
-        save_trust_file(self.trust_file, [*self.trust, entry])
-        if self.kernel is not None:
-            self.kernel.add_trust(entry)
-        self.trust.add(entry)
+        fresh = TrustList([*self.trust, entry])
+        self._change_trust(fresh, lambda kernel: kernel.add_trust(entry))
         log.info("trust list: added %s as %s", entry.cidr, entry.role.value)
 
     def trust_remove(self, network: IPNetwork) -> TrustEntry:
         if network not in self.trust:
             raise TrustError(f"{network} is not in the trust list")
-        save_trust_file(self.trust_file, [e for e in self.trust if e.network != network])
-        if self.kernel is not None:
-            self.kernel.remove_trust(network)
-        entry = self.trust.remove(network)
+        entry = next(e for e in self.trust if e.network == network)
+        fresh = TrustList(e for e in self.trust if e.network != network)
+        self._change_trust(fresh, lambda kernel: kernel.remove_trust(network))
         log.info("trust list: removed %s", network)
         return entry
 
     def trust_replace(self, entries: Iterable[TrustEntry]) -> None:
+        """Replace the whole list (``clearipctl trust import``)."""
         fresh = TrustList(entries)  # validates (duplicates) before anything changes
-        save_trust_file(self.trust_file, fresh)
-        self._apply(fresh)
+        self._change_trust(fresh, lambda kernel: kernel.set_trust(fresh))
+        log.info("trust list: imported, %d entries", len(self.trust))
 
     def reload(self) -> None:
         """Re-read the trust file (SIGHUP); a broken file leaves everything as it was."""
-        self._apply(load_trust_file(self.trust_file))
+        fresh = load_trust_file(self.trust_file)
+        self._change_trust(fresh, lambda kernel: kernel.set_trust(fresh), write=False)
+        log.info("trust list: reloaded, %d entries", len(self.trust))
 
-    def _apply(self, fresh: TrustList) -> None:
+    def _change_trust(
+        self, fresh: TrustList, apply: Callable[[KernelFilter], None], *, write: bool = True
+    ) -> None:
+        old = self.trust.entries()
+        if write:
+            save_trust_file(self.trust_file, fresh)  # an OSError here: nothing has changed
         if self.kernel is not None:
-            self.kernel.set_trust(fresh)
+            try:
+                apply(self.kernel)
+            except Exception as exc:
+                undone = self._undo(old, old if write else None)
+                raise PolicyError(
+                    f"the kernel filter refused the change ({exc}); {undone}"
+                ) from exc
         self.trust.replace(fresh.entries())
-        log.info("trust list: %d entries", len(self.trust))
+
+    def _undo(self, kernel_entries: list[TrustEntry], file_entries: list[TrustEntry] | None) -> str:
+        """Put the kernel map (and the trust file) back; say whether that worked."""
+        failed = []
+        assert self.kernel is not None
+        try:
+            self.kernel.set_trust(kernel_entries)
+        except Exception as exc:
+            failed.append(f"kernel map: {exc}")
+        if file_entries is not None:
+            try:
+                save_trust_file(self.trust_file, file_entries)
+            except OSError as exc:
+                failed.append(f"trust file: {exc}")
+        if failed:
+            log.error("rolling back a refused change failed: %s", "; ".join(failed))
+            return "rolling back failed too (" + "; ".join(failed) + ")"
+        return "nothing changed"
 
     # -- emergency numbers -------------------------------------------------------------------
     def emergency_add(self, number: str) -> None:
@@ -117,26 +169,78 @@ class SourcePolicy:
         self._set_emergency(self.emergency.without(number))
 
     def _set_emergency(self, numbers: EmergencyNumbers) -> None:
-        if self.state_dir is not None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            text = "# Emergency numbers set with clearipctl; delete to use the config's.\n"
-            text += f"numbers = {json.dumps(numbers.numbers())}\n"
-            write_atomically(self.state_dir / "emergency.toml", text)
+        old = self.emergency
+        state = self.state_dir / EMERGENCY_STATE if self.state_dir is not None else None
+        previous = state.read_text() if state is not None and state.exists() else None
+        if state is not None:
+            state.parent.mkdir(parents=True, exist_ok=True)
+            text = (
+                "# Emergency numbers changed with clearipctl. They apply while the config's\n"
+                "# emergency numbers are still `config`; delete this file to use the config's.\n"
+                f"config = {json.dumps(self.config_numbers)}\n"
+                f"numbers = {json.dumps(numbers.numbers())}\n"
+            )
+            write_atomically(state, text)
         if self.kernel is not None:
-            self.kernel.set_emergency(numbers.numbers())
+            try:
+                self.kernel.set_emergency(numbers.numbers())
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    self.kernel.set_emergency(old.numbers())
+                if state is not None:
+                    with contextlib.suppress(OSError):
+                        if previous is None:
+                            state.unlink()
+                        else:
+                            write_atomically(state, previous)
+                raise PolicyError(f"the kernel filter refused the change ({exc})") from exc
         self.emergency = numbers
+        log.info("emergency numbers: %s", ", ".join(numbers.numbers()))
 
     # -- reading -------------------------------------------------------------------------------
     def kernel_status(self) -> dict[str, Any] | None:
+        """The filter's interfaces and counters (and per interface, when it has them)."""
         if self.kernel is None:
             return None
-        return {"interfaces": self.kernel.status(), "counters": self.kernel.counters()}
+        status: dict[str, Any] = {
+            "interfaces": self.kernel.status(),
+            "counters": self.kernel.counters(),
+        }
+        per_interface = getattr(self.kernel, "interface_counters", None)
+        if per_interface is not None:
+            status["per_interface"] = per_interface()
+        return status
 
     def describe_kernel(self) -> str:
+        """``on (eth1 native, eth2 generic)`` or ``off (reason)``, for status lines."""
         if self.kernel is None:
             return f"off ({self.kernel_error})"
-        modes = ", ".join(f"{i} {s['mode']}" for i, s in self.kernel.status().items())
-        return f"on ({modes or 'no interfaces'})"
+        parts = []
+        for name, state in self.kernel.status().items():
+            parts.append(f"{name} {state['mode']}" + ("" if state.get("attached") else " LOST"))
+        return f"on ({', '.join(parts) or 'no interfaces'})"
+
+
+def _saved_emergency(path: Path, config: list[str]) -> EmergencyNumbers | None:
+    try:
+        data = tomllib.loads(path.read_text())
+        numbers = EmergencyNumbers(data.get("numbers", []))
+        saved_config = sorted(validate_number(n) for n in data.get("config", []))
+    except (ValueError, OSError, TypeError) as exc:
+        log.error("ignoring %s (%s): using the config's emergency numbers", path, exc)
+        return None
+    if saved_config != config:
+        log.warning(
+            "the config's emergency numbers changed since %s was written: using the config's "
+            "(%s); the runtime changes are kept in %s.old",
+            path,
+            ", ".join(config),
+            path.name,
+        )
+        with contextlib.suppress(OSError):
+            path.replace(path.with_name(path.name + ".old"))
+        return None
+    return numbers
 
 
 def validate_numbers(numbers: Iterable[str]) -> list[str]:
