@@ -35,12 +35,20 @@ EPILOG = """exit codes:
   0  done
   1  the daemon or the system refused (see the message)
   2  invalid input (bad CIDR, unknown role, duplicate or missing entry); nothing changed
-  3  the daemon is not running (for commands that need it)
+  3  the daemon is not running (for commands that need it: emergency, status, stats,
+     top-dropped, trace)
+
+trust commands work on --trust-file when the daemon is not running (and say so); the change
+then applies at the next start. xdp detach works with or without the daemon.
 """
 
 
 class DaemonDown(Exception):
     pass
+
+
+class DaemonError(Exception):
+    """The daemon could not be asked (permissions, no answer, garbled answer)."""
 
 
 class Client:
@@ -61,7 +69,16 @@ class Client:
                     data += chunk
         except (FileNotFoundError, ConnectionRefusedError):
             raise DaemonDown(f"clearip-proxy is not running (no socket at {self.path})") from None
-        reply: dict[str, Any] = json.loads(data)
+        except PermissionError:
+            raise DaemonError(f"permission denied on {self.path}: run clearipctl as root") from None
+        except TimeoutError:
+            raise DaemonError(f"clearip-proxy did not answer within 10 s on {self.path}") from None
+        try:
+            reply = json.loads(data)
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict):
+            raise DaemonError(f"clearip-proxy sent no usable answer on {self.path}")
         return reply
 
 
@@ -96,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     emergency = sub.add_parser("emergency", help="emergency numbers").add_subparsers(
         dest="action", required=True
     )
-    emergency.add_parser("list")
+    elist = emergency.add_parser("list")
+    elist.add_argument("--json", action="store_true")
     eadd = emergency.add_parser("add")
     eadd.add_argument("number")
     eremove = emergency.add_parser("remove")
@@ -136,11 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def table(rows: list[list[str]], headers: list[str]) -> str:
+    """Aligned columns; when the terminal is too narrow the widest column is shortened
+    (ending in '…') until the table fits."""
     width = shutil.get_terminal_size((100, 20)).columns
-    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(line[:width].rstrip() for line in lines)
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    # The last column (notes, values) gives way first, then the widest.
+    while sum(widths) + 2 * (len(widths) - 1) > width and max(widths) > 8:
+        column = len(widths) - 1 if widths[-1] > 8 else widths.index(max(widths))
+        widths[column] -= 1
+    lines = []
+    for row in cells:
+        fitted = [c if len(c) <= w else c[: w - 1] + "…" for c, w in zip(row, widths, strict=True)]
+        lines.append("  ".join(c.ljust(w) for c, w in zip(fitted, widths, strict=True)).rstrip())
+    return "\n".join(lines)
 
 
 def _error(message: str, code: int) -> int:
@@ -155,10 +182,20 @@ def _reply(reply: dict[str, Any]) -> tuple[Any, int]:
     return None, _error(str(reply.get("error")), code)
 
 
+def _read_import(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TrustError(f"cannot read {path}: {exc}") from None
+
+
 def _trust_offline(args: argparse.Namespace) -> int:
     path = Path(args.trust_file)
-    note = "daemon not running: changed the trust file only; it applies at the next start"
-    trust = load_trust_file(path)
+    note = f"daemon not running: changed {path} only; it applies at the next start"
+    if args.action in ("add", "import") and not path.exists():
+        trust = trust_list_from_data({}, str(path))  # the first entry creates the file
+    else:
+        trust = load_trust_file(path)
     if args.action == "list":
         return _print_trust(
             [{"cidr": e.cidr, "role": e.role.value, "note": e.note} for e in trust], args
@@ -173,7 +210,11 @@ def _trust_offline(args: argparse.Namespace) -> int:
     elif args.action == "import":
         import tomllib
 
-        trust = trust_list_from_data(tomllib.loads(Path(args.file).read_text()), args.file)
+        try:
+            data = tomllib.loads(_read_import(args.file))
+        except tomllib.TOMLDecodeError as exc:
+            raise TrustError(f"{args.file}: not a trust file: {exc}") from None
+        trust = trust_list_from_data(data, args.file)
     save_trust_file(path, trust)
     print(f"{args.action}: done ({note})")
     return EXIT_OK
@@ -236,58 +277,55 @@ def trace(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def xdp_detach(args: argparse.Namespace, client: Client) -> int:
+    """The daemon detaches its own filter (it then keeps checking sources itself); whatever
+    is still pinned or attached afterwards (no daemon, or one from an older run) goes too."""
+    from clearip.bpf.loader import detach_pinned
+
+    detached: list[str] = []
+    try:
+        result, code = _reply(client.call("xdp.detach"))
+        if code:
+            return code
+        detached = list(result.get("detached", []))
+        daemon = "the running daemon removed it" if detached else "the daemon had none loaded"
+    except DaemonDown:
+        daemon = "daemon not running"
+    interfaces, pin_dir = list(args.interface), args.pin_dir
+    if Path(args.config).exists():
+        from clearip.relay.config import load_config
+
+        config = load_config(args.config)
+        interfaces = interfaces or list(config.xdp.interfaces)
+        pin_dir = pin_dir or config.xdp.pin_dir
+    pin_dir = pin_dir or "/sys/fs/bpf/clearip"
+    detach_pinned(pin_dir, interfaces)
+    where = ", ".join(sorted({*detached, *interfaces})) or "every interface carrying it"
+    print(f"kernel filter detached from {where}; {pin_dir} removed ({daemon})")
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "trace":
         return trace(args)
     client = Client(args.socket)
     if args.command == "xdp":
-        from clearip.bpf.loader import detach_pinned
-
-        interfaces, pin_dir = list(args.interface), args.pin_dir
-        if Path(args.config).exists():
-            from clearip.relay.config import load_config
-
-            config = load_config(args.config)
-            interfaces = interfaces or list(config.xdp.interfaces)
-            pin_dir = pin_dir or config.xdp.pin_dir
-        pin_dir = pin_dir or "/sys/fs/bpf/clearip"
-        detach_pinned(pin_dir, interfaces)
-        where = ", ".join(interfaces) or "no interface named"
-        print(f"kernel filter detached from {where}; {pin_dir} removed")
-        return EXIT_OK
+        return xdp_detach(args, client)
     if args.command == "trust":
-        # Validate locally first so bad input never reaches the daemon or the file.
-        if args.action in ("add", "remove"):
-            parse_cidr(args.cidr)
-        try:
-            if args.action == "list":
-                result, code = _reply(client.call("trust.list"))
-                return code if code else _print_trust(result, args)
-            if args.action == "export":
-                result, code = _reply(client.call("trust.export"))
-                if not code:
-                    print(result, end="")
-                return code
-            if args.action == "add":
-                reply = client.call("trust.add", cidr=args.cidr, role=args.role, note=args.note)
-            elif args.action == "remove":
-                reply = client.call("trust.remove", cidr=args.cidr)
-            else:
-                text = Path(args.file).read_text()
-                reply = client.call("trust.import", text=text, origin=args.file)
-        except DaemonDown:
-            return _trust_offline(args)
-        result, code = _reply(reply)
-        if not code:
-            print(result)
-        return code
+        return trust(args, client)
     try:
         if args.command == "emergency":
             fields = {"number": args.number} if args.action != "list" else {}
             result, code = _reply(client.call(f"emergency.{args.action}", **fields))
-            if not code:
-                print(result if args.action != "list" else "\n".join(result))
-            return code
+            if code:
+                return code
+            if args.action != "list":
+                print(result)
+            elif args.json:
+                print(json.dumps(result))
+            else:
+                print("\n".join(result) if result else "no emergency numbers")
+            return EXIT_OK
         result, code = _reply(client.call(args.command))
     except DaemonDown as exc:
         return _error(str(exc), EXIT_NO_DAEMON)
@@ -298,20 +336,48 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "top-dropped":
         print(table([[a, str(c)] for a, c in result], ["SOURCE", "DROPPED"]) if result else "none")
     else:
-        rows = _flatten(result)
-        print(table(rows, ["WHAT", "VALUE"]))
+        print(table(_flatten(result), ["WHAT", "VALUE"]))
     return EXIT_OK
 
 
+def trust(args: argparse.Namespace, client: Client) -> int:
+    # Validate locally first so bad input never reaches the daemon or the file.
+    if args.action in ("add", "remove"):
+        parse_cidr(args.cidr)
+    try:
+        if args.action == "list":
+            result, code = _reply(client.call("trust.list"))
+            return code if code else _print_trust(result, args)
+        if args.action == "export":
+            result, code = _reply(client.call("trust.export"))
+            if not code:
+                print(result, end="")
+            return code
+        if args.action == "add":
+            reply = client.call("trust.add", cidr=args.cidr, role=args.role, note=args.note)
+        elif args.action == "remove":
+            reply = client.call("trust.remove", cidr=args.cidr)
+        else:
+            text = _read_import(args.file)
+            reply = client.call("trust.import", text=text, origin=args.file)
+    except DaemonDown:
+        return _trust_offline(args)
+    result, code = _reply(reply)
+    if not code:
+        print(result)
+    return code
+
+
 def _flatten(data: Any, prefix: str = "") -> list[list[str]]:
+    """Nested dicts as dotted keys; lists as comma-separated values."""
     rows: list[list[str]] = []
     if isinstance(data, dict):
         for key, value in data.items():
-            rows += _flatten(
-                value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}"
-            )
+            rows += _flatten(value, f"{prefix}{key}.")
+    elif isinstance(data, list):
+        rows.append([prefix.rstrip("."), ", ".join(str(v) for v in data) or "-"])
     else:
-        rows.append([prefix.rstrip("."), str(data)])
+        rows.append([prefix.rstrip("."), "-" if data is None else str(data)])
     return rows
 
 
@@ -321,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except TrustError as exc:
         return _error(str(exc), EXIT_INVALID)
-    except (OSError, ValueError) as exc:
+    except (DaemonError, OSError, ValueError) as exc:
         return _error(str(exc), EXIT_FAILED)
 
 

@@ -2,8 +2,24 @@
 
 A Unix stream socket (mode 0600, root only: peers are checked with SO_PEERCRED) speaking JSON
 lines: one request ``{"cmd": "trust.add", "cidr": "...", "role": "switch"}`` in, one reply
-``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}`` out. A malformed request
-gets an error reply; nothing a client sends can stop the server.
+``{"ok": true, "result": ...}`` or ``{"ok": false, "kind": "invalid"|"failed", "error": "..."}``
+out, any number of requests per connection. ``kind`` is ``invalid`` when the request was wrong
+and nothing changed (clearipctl exits 2), ``failed`` when the daemon or the kernel refused
+(exit 1). A malformed request gets an error reply; nothing a client sends can stop the server.
+
+Commands and their fields (results in brackets):
+    trust.list                              [[{"cidr", "role", "note"}, ...]]
+    trust.add      cidr, role, note?        ["added ..."]
+    trust.remove   cidr                     ["removed ..."]
+    trust.import   text (a trust file), origin?   ["imported N entries"]
+    trust.export                            [trust file text]
+    emergency.list                          [["911", ...]]
+    emergency.add / emergency.remove  number   ["emergency numbers: ..."]
+    status                                  [the daemon's status + kernel_filter, trust_entries]
+    stats                                   [the daemon's counters + kernel (or null)]
+    top-dropped    n? (default 10)          [[[address, packets], ...]]
+    xdp.detach                              [{"detached": [interfaces], "pin_dir": ...}]
+    trace          call_id?, number?        (a stream of records; see relay/trace.py)
 """
 
 from __future__ import annotations
@@ -19,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clearip.relay.policy import SourcePolicy
+from clearip.relay.policy import PolicyError, SourcePolicy
 from clearip.relay.trace import Subscriber
 from clearip.relay.trust import (
     TrustEntry,
@@ -61,9 +77,10 @@ class ControlServer:
             "emergency.list": lambda _: self.policy.emergency.numbers(),
             "emergency.add": self._emergency_add,
             "emergency.remove": self._emergency_remove,
-            "status": lambda _: self.status(),
-            "stats": lambda _: self.stats(),
+            "status": self._status,
+            "stats": self._stats,
             "top-dropped": self._top_dropped,
+            "xdp.detach": self._xdp_detach,
         }
 
     async def start(self) -> None:
@@ -105,10 +122,14 @@ class ControlServer:
                     return
                 if not line:
                     return
-                if line.startswith(b'{"cmd": "trace"') and self.subscribe is not None:
-                    await self._trace(json.loads(line), reader, writer)
+                request = _parse(line)
+                if isinstance(request, dict) and request.get("cmd") == "trace":
+                    if self.subscribe is None:
+                        writer.write(b'{"ok": false, "error": "tracing is not available"}\n')
+                        return
+                    await self._trace(request, reader, writer)
                     return
-                writer.write(json.dumps(self.handle_line(line)).encode() + b"\n")
+                writer.write(json.dumps(self.handle(request)).encode() + b"\n")
                 await writer.drain()
         except ConnectionError:
             pass
@@ -142,24 +163,37 @@ class ControlServer:
             gone.cancel()
 
     def handle_line(self, line: bytes) -> dict[str, Any]:
-        try:
-            request = json.loads(line)
-        except ValueError:
-            return {"ok": False, "error": "request is not JSON"}
+        return self.handle(_parse(line))
+
+    def handle(self, request: object) -> dict[str, Any]:
+        """One reply for one decoded request; never raises."""
+        if request is _NOT_JSON:
+            return {"ok": False, "kind": "invalid", "error": "request is not JSON"}
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
-            return {"ok": False, "error": 'request must be an object with "cmd"'}
+            return {"ok": False, "kind": "invalid", "error": 'request must be an object with "cmd"'}
         handler = self.handlers.get(request["cmd"])
         if handler is None:
-            return {"ok": False, "error": f"unknown command {request['cmd']!r}"}
+            known = ", ".join(sorted(self.handlers))
+            return {
+                "ok": False,
+                "kind": "invalid",
+                "error": f"unknown command {request['cmd']!r} (known: {known})",
+            }
         try:
             return {"ok": True, "result": handler(request)}
         except KeyError as exc:
             return {"ok": False, "kind": "invalid", "error": f"missing field {exc}"}
         except (TrustError, ValueError, TypeError) as exc:
             return {"ok": False, "kind": "invalid", "error": str(exc)}
+        except PolicyError as exc:
+            log.error("control command %s failed: %s", request["cmd"], exc)
+            return {"ok": False, "kind": "failed", "error": str(exc)}
         except OSError as exc:
             log.error("control command %s failed: %s", request["cmd"], exc)
             return {"ok": False, "kind": "failed", "error": f"cannot write: {exc}"}
+        except Exception as exc:  # a bug or a kernel surprise must not take the socket down
+            log.exception("control command %s failed", request["cmd"])
+            return {"ok": False, "kind": "failed", "error": f"internal error: {exc}"}
 
     # -- handlers ----------------------------------------------------------------------------
     def _trust_list(self, _: dict[str, Any]) -> list[dict[str, str]]:
@@ -181,8 +215,14 @@ class ControlServer:
     def _trust_import(self, request: dict[str, Any]) -> str:
         import tomllib
 
-        data = tomllib.loads(str(request["text"]))
-        fresh = trust_list_from_data(data, str(request.get("origin", "import")))
+        origin = str(request.get("origin", "import"))
+        if not isinstance(request["text"], str):
+            raise TrustError('"text" must be the trust file\'s text')
+        try:
+            data = tomllib.loads(request["text"])
+        except tomllib.TOMLDecodeError as exc:
+            raise TrustError(f"{origin}: not a trust file: {exc}") from None
+        fresh = trust_list_from_data(data, origin)
         self.policy.trust_replace(fresh)
         return f"imported {len(fresh)} entries"
 
@@ -194,8 +234,46 @@ class ControlServer:
         self.policy.emergency_remove(str(request["number"]))
         return f"emergency numbers: {', '.join(self.policy.emergency.numbers())}"
 
+    def _status(self, _: dict[str, Any]) -> dict[str, Any]:
+        result = dict(self.status())
+        result.setdefault("trust_entries", len(self.policy.trust))
+        result.setdefault("kernel_filter", self.policy.describe_kernel())
+        return result
+
+    def _stats(self, _: dict[str, Any]) -> dict[str, Any]:
+        result = dict(self.stats())
+        result.setdefault("kernel", self.policy.kernel_status())
+        return result
+
     def _top_dropped(self, request: dict[str, Any]) -> list[list[object]]:
         if self.policy.kernel is None:
-            raise ValueError(f"kernel filter: {self.policy.describe_kernel()}")
+            raise PolicyError(f"kernel filter {self.policy.describe_kernel()}")
         n = int(request.get("n", 10))
+        if not 0 < n <= 4096:
+            raise ValueError("n must be between 1 and 4096")
         return [[address, count] for address, count in self.policy.kernel.top_dropped(n)]
+
+    def _xdp_detach(self, _: dict[str, Any]) -> dict[str, Any]:
+        """Remove the daemon's kernel filter; the relay keeps checking sources itself."""
+        kernel = self.policy.kernel
+        if kernel is None:
+            return {"detached": [], "pin_dir": None, "note": self.policy.describe_kernel()}
+        interfaces = list(kernel.status())
+        pin_dir = getattr(kernel, "pin_dir", None)
+        detach = getattr(kernel, "detach", None)
+        if detach is None:
+            raise PolicyError("this kernel filter cannot be detached from the daemon")
+        detach()
+        self.policy.attach_kernel(None, "detached with clearipctl xdp detach")
+        log.warning("kernel filter detached from %s on request", ", ".join(interfaces))
+        return {"detached": interfaces, "pin_dir": str(pin_dir) if pin_dir else None}
+
+
+_NOT_JSON = object()
+
+
+def _parse(line: bytes) -> object:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return _NOT_JSON
