@@ -114,6 +114,29 @@ def _ensure_bpffs(pin_dir: Path) -> None:
     pin_dir.mkdir(parents=True, exist_ok=True)
 
 
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def _netns(fd: int | None) -> Iterator[None]:
+    """Run the block (this thread only) in the network namespace ``fd`` refers to."""
+    if fd is None:
+        yield
+        return
+    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns: {os.strerror(err)}")
+        try:
+            yield
+        finally:
+            _libc.setns(here, CLONE_NEWNET)
+    finally:
+        os.close(here)
+
+
 def _link(ifname: str) -> Any:
     """The RTM_GETLINK answer for ``ifname`` in the caller's namespace.
 
@@ -213,6 +236,9 @@ class EdgeFilter:
         self.interfaces = interfaces  # ifname -> "native" | "generic"
         self.prog_id = prog_id
         self._ifindex: dict[int, str] = {}
+        # Interface names mean something in one network namespace: the one start() ran in.
+        # Later calls (status, detach) go there, whichever thread or namespace they come from.
+        self._netns: int | None = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
 
     # -- lifecycle ---------------------------------------------------------------------------
     @classmethod
@@ -239,10 +265,37 @@ class EdgeFilter:
         if not headers.exists():
             raise FilterUnavailable(f"no kernel headers at {headers}", install_hint())
         pins = Path(pin_dir)
+        fresh_pins = not pins.exists()
         _ensure_bpffs(pins)
         source = SOURCE.read_text()
         maps = pins / layout(source)
+        adopted = maps.exists()
         maps.mkdir(exist_ok=True)
+        try:
+            edge = cls._load(bcc, source, maps)
+            edge._set_ports("sip_udp_ports", udp_ports)
+            edge._set_ports("sip_tcp_ports", tcp_ports)
+            edge.set_trust(trust)
+            edge.set_emergency(emergency)
+        except Exception as exc:
+            _forget(maps, pins, adopted, fresh_pins)
+            if isinstance(exc, FilterUnavailable):
+                raise
+            edge.close()
+            raise FilterUnavailable(
+                f"cannot fill the XDP maps: {exc}", "check the trust list and emergency numbers"
+            ) from None
+        try:
+            edge._attach_all(names, wanted, fallback=mode == "auto")
+        except FilterUnavailable:
+            _forget(maps, pins, adopted, fresh_pins)
+            raise
+        edge._pin_program()
+        edge._remove_stale_pins(keep=maps)
+        return edge
+
+    @classmethod
+    def _load(cls, bcc: Any, source: str, maps: Path) -> EdgeFilter:
         try:
             bpf = bcc.BPF(
                 text=source.encode(),
@@ -254,25 +307,14 @@ class EdgeFilter:
                 f"the XDP program did not compile or load: {exc}",
                 "check that kernel headers match (" + install_hint() + ") and the bcc output",
             ) from None
-        edge = cls(bpf, pins, {}, syscall.prog_id(function.fd))
-        try:
-            edge._set_ports("sip_udp_ports", udp_ports)
-            edge._set_ports("sip_tcp_ports", tcp_ports)
-            edge.set_trust(trust)
-            edge.set_emergency(emergency)
-        except Exception as exc:
-            bpf.cleanup()
-            raise FilterUnavailable(
-                f"cannot fill the XDP maps: {exc}", "check the trust list and emergency numbers"
-            ) from None
-        edge._attach_all(function.fd, names, wanted, fallback=mode == "auto")
-        edge._pin_program(function.fd)
-        edge._remove_stale_pins(keep=maps)
-        return edge
+        return cls(bpf, maps.parent, {}, syscall.prog_id(function.fd))
 
-    def _attach_all(
-        self, fd: int, names: list[str], wanted: dict[str, str], *, fallback: bool
-    ) -> None:
+    @property
+    def _fd(self) -> int:
+        return int(self.bpf.funcs[b"xdp_filter"].fd)
+
+    def _attach_all(self, names: list[str], wanted: dict[str, str], *, fallback: bool) -> None:
+        fd = self._fd
         before = {name: attached_programs(name) for name in names}
         changed: list[str] = []
         try:
@@ -283,7 +325,7 @@ class EdgeFilter:
         except FilterUnavailable:
             for name in changed:
                 _restore(name, before[name])
-            self._bpf.cleanup()
+            self.close()
             raise
 
     def _attach(
@@ -306,11 +348,11 @@ class EdgeFilter:
                 "check xdp.interfaces and xdp.mode (generic works on every interface)",
             ) from None
 
-    def _pin_program(self, fd: int) -> None:
+    def _pin_program(self) -> None:
         path = self.pin_dir / "prog"
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        syscall.obj_pin(fd, str(path))
+        syscall.obj_pin(self._fd, str(path))
 
     def _remove_stale_pins(self, keep: Path) -> None:
         """Maps of an older program (another layout, or the flat layout of 0.1) go."""
@@ -324,13 +366,14 @@ class EdgeFilter:
 
     def detach(self) -> None:
         """Remove the filter from every interface and unpin program and maps."""
-        for ifname, mode in list(self.interfaces.items()):
-            try:
-                _set_xdp(ifname, -1, mode)
-            except Exception as exc:  # the interface may be gone already
-                log.info("XDP detach from %s: %s", ifname, exc)
-        self.interfaces.clear()
-        detach_pinned(self.pin_dir)
+        with _netns(self._netns):
+            for ifname, mode in list(self.interfaces.items()):
+                try:
+                    _set_xdp(ifname, -1, mode)
+                except Exception as exc:  # the interface may be gone already
+                    log.info("XDP detach from %s: %s", ifname, exc)
+            self.interfaces.clear()
+            detach_pinned(self.pin_dir)
         self.close()
 
     def close(self) -> None:
@@ -338,6 +381,9 @@ class EdgeFilter:
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
+        if self._netns is not None:
+            os.close(self._netns)
+            self._netns = None
 
     @property
     def bpf(self) -> Any:
@@ -445,22 +491,32 @@ class EdgeFilter:
     def status(self) -> dict[str, dict[str, object]]:
         """Per interface: the mode and whether this program is really attached (netlink)."""
         out: dict[str, dict[str, object]] = {}
-        for name, mode in self.interfaces.items():
-            try:
-                present = attached_programs(name)
-            except FilterUnavailable:
-                present = {}
-            out[name] = {"mode": mode, "attached": present.get(mode) == self.prog_id}
+        with _netns(self._netns):
+            for name, mode in self.interfaces.items():
+                try:
+                    present = attached_programs(name)
+                except FilterUnavailable:
+                    present = {}
+                out[name] = {"mode": mode, "attached": present.get(mode) == self.prog_id}
         return out
 
     def test_run(self, packet: bytes) -> tuple[int, bytes]:
         """Run the loaded program on one frame without any interface: (XDP action, frame)."""
-        return syscall.prog_test_run(self.bpf.funcs[b"xdp_filter"].fd, packet)
+        return syscall.prog_test_run(self._fd, packet)
 
 
 def _number_of(key: Any) -> bytes:
     raw = int(key.lo).to_bytes(8, "little") + int(key.hi).to_bytes(8, "little")
     return raw.rstrip(b"\0")
+
+
+def _forget(maps: Path, pins: Path, adopted: bool, fresh_pins: bool) -> None:
+    """After a failed start: maps it created go; adopted ones stay with the running program."""
+    if not adopted:
+        shutil.rmtree(maps, ignore_errors=True)
+    if fresh_pins:
+        with contextlib.suppress(OSError):
+            pins.rmdir()
 
 
 def _restore(ifname: str, before: dict[str, int]) -> None:
