@@ -84,8 +84,18 @@ def prog_id(fd: int) -> int:
     return int(ctypes.c_uint32.from_buffer(info, 4).value)
 
 
-def prog_test_run(fd: int, packet: bytes, repeat: int = 1) -> tuple[int, bytes]:
+def prog_test_run(fd: int, packet: bytes) -> tuple[int, bytes]:
     """Run the program once on ``packet``: its return code and the packet as it left it."""
+    retval, out, _ = _test_run(fd, packet, 1)
+    return retval, out
+
+
+def prog_test_run_ns(fd: int, packet: bytes, repeat: int) -> int:
+    """The kernel's average run time of the program on ``packet`` over ``repeat`` runs (ns)."""
+    return _test_run(fd, packet, repeat)[2]
+
+
+def _test_run(fd: int, packet: bytes, repeat: int) -> tuple[int, bytes, int]:
     data_in = ctypes.create_string_buffer(packet, len(packet))
     data_out = ctypes.create_string_buffer(len(packet) + 256)
     attr = _attr()
@@ -98,4 +108,5 @@ def prog_test_run(fd: int, packet: bytes, repeat: int = 1) -> tuple[int, bytes]:
     _bpf(BPF_PROG_TEST_RUN, attr)
     retval = int(ctypes.c_uint32.from_buffer(attr, 4).value)
     size_out = int(ctypes.c_uint32.from_buffer(attr, 12).value)
-    return retval, data_out.raw[:size_out]
+    duration = int(ctypes.c_uint32.from_buffer(attr, 36).value)  # ns per run
+    return retval, data_out.raw[:size_out], duration
