@@ -72,6 +72,7 @@ XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 FLAGS = {"generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
 ROLE_VALUES = {Role.SWITCH: 1, Role.PROVIDER: 2}
+UPSTREAM_ROLE = 3  # kernel-only entries: the ClearIP upstreams the daemon talks to over UDP
 
 
 def install_hint() -> str:
@@ -238,6 +239,8 @@ class EdgeFilter:
         self.interfaces = interfaces  # ifname -> "native" | "generic"
         self.prog_id = prog_id
         self._ifindex: dict[int, str] = {}
+        self._upstreams: set[IPNetwork] = set()  # kernel-only, see set_upstreams
+        self._listed: set[IPNetwork] = set()  # what the trust list put in the maps
         # Interface names mean something in one network namespace: the one start() ran in.
         # Later calls (status, detach) go there, whichever thread or namespace they come from.
         self._netns: int | None = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
@@ -418,24 +421,47 @@ class EdgeFilter:
         return table, table.Key(network.prefixlen, addr16)
 
     def set_trust(self, entries: Iterable[TrustEntry]) -> None:
-        """Make the trust maps equal to ``entries``: additions first, then removals, so a
-        source trusted before and after is never dropped in between."""
+        """Make the trust maps equal to ``entries`` (plus the upstreams): additions first, then
+        removals, so a source trusted before and after is never dropped in between."""
         wanted = {entry.network: entry for entry in entries}
         current = self.trusted_networks()
         for entry in wanted.values():
             self.add_trust(entry)
+        self._listed = set(wanted)
         for network in current:
             if network not in wanted:
-                self.remove_trust(network)
+                self.remove_trust(network)  # upstreams stay (as upstreams)
 
     def add_trust(self, entry: TrustEntry) -> None:
         table, key = self._trust_key(entry.network)
         table[key] = table.Leaf(ROLE_VALUES.get(entry.role, 1))
+        self._listed.add(entry.network)
 
     def remove_trust(self, network: IPNetwork) -> None:
+        self._listed.discard(network)
+        if network in self._upstreams:
+            self._put_upstream(network)  # still needed for the upstream's answers
+            return
         table, key = self._trust_key(network)
         with contextlib.suppress(KeyError):
             del table[key]
+
+    def set_upstreams(self, addresses: Iterable[str]) -> None:
+        """Let the answers of these hosts (the ClearIP upstreams, resolved by the daemon) in,
+        without putting them in the trust list: over UDP they come back to the SIP port.
+        Entries the trust list also has are left to it."""
+        wanted = {ipaddress.ip_network(a.split("%", 1)[0]) for a in addresses}
+        for network in wanted - self._listed:
+            self._put_upstream(network)
+        for network in self._upstreams - wanted - self._listed:
+            table, key = self._trust_key(network)
+            with contextlib.suppress(KeyError):
+                del table[key]
+        self._upstreams = wanted
+
+    def _put_upstream(self, network: IPNetwork) -> None:
+        table, key = self._trust_key(network)
+        table[key] = table.Leaf(UPSTREAM_ROLE)
 
     def trusted_networks(self) -> list[IPNetwork]:
         out: list[IPNetwork] = []

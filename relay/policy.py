@@ -78,6 +78,7 @@ class SourcePolicy:
         )
         self.kernel: KernelFilter | None = None
         self.kernel_error: str | None = "not started"
+        self.upstreams: list[str] = []
 
     @classmethod
     def load(
@@ -97,6 +98,20 @@ class SourcePolicy:
     def attach_kernel(self, kernel: KernelFilter | None, error: str | None = None) -> None:
         self.kernel = kernel
         self.kernel_error = error
+        if kernel is not None and self.upstreams:
+            self.set_upstreams(self.upstreams)
+
+    def set_upstreams(self, addresses: Iterable[str]) -> None:
+        """The ClearIP upstreams' current addresses: the kernel filter lets their answers in
+        (over UDP they come back to the SIP port) without them joining the trust list. Call
+        again whenever an upstream is resolved anew."""
+        self.upstreams = sorted(set(addresses))
+        setter = getattr(self.kernel, "set_upstreams", None)
+        if setter is not None:
+            try:
+                setter(self.upstreams)
+            except Exception as exc:
+                log.error("kernel filter: cannot let the upstreams %s in: %s", self.upstreams, exc)
 
     # -- trust list ----------------------------------------------------------------------------
     def trust_add(self, entry: TrustEntry) -> None:

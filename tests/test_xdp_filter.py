@@ -236,6 +236,24 @@ def test_maps_follow_the_api(unattached: EdgeFilter) -> None:
         assert "emergency_marked" not in verdict(unattached, frame(TRUSTED4, EMERGENCY))[1]
     finally:
         unattached.set_emergency(["911", "933", "123456789012345"])
+    # The ClearIP upstream's UDP answers come back to the SIP port: let in without the trust
+    # list, and kept when the trust list changes around them.
+    policy = SourcePolicy(TrustList(), "/nonexistent", EmergencyNumbers())
+    policy.set_upstreams([UNTRUSTED4])
+    policy.attach_kernel(unattached)
+    try:
+        assert verdict(unattached, frame(UNTRUSTED4))[0] == XDP_PASS
+        unattached.set_trust(
+            [TrustEntry(parse_cidr(f"{TRUSTED4}/32"), Role.SWITCH),
+             TrustEntry(parse_cidr("fd00:9::/120"), Role.PROVIDER)]
+        )  # fmt: skip
+        unattached.add_trust(TrustEntry(parse_cidr(f"{UNTRUSTED4}/32"), Role.PROVIDER))
+        unattached.remove_trust(parse_cidr(f"{UNTRUSTED4}/32"))
+        assert verdict(unattached, frame(UNTRUSTED4))[0] == XDP_PASS
+    finally:
+        policy.set_upstreams([])
+    assert verdict(unattached, frame(UNTRUSTED4))[0] == XDP_DROP
+    assert verdict(unattached, frame(TRUSTED4))[0] == XDP_PASS
     top = dict(unattached.top_dropped(50))
     assert top[UNTRUSTED4] >= 1
     assert sum(unattached.interface_counters()["ifindex 1"].values()) >= 1
