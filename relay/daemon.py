@@ -209,6 +209,12 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(link.attempted.wait(), 10)
         await self._start_kernel_filter()
+        # Over UDP, ClearIP's answers come back to the SIP port: let them through the kernel
+        # filter without putting ClearIP in the trust list.
+        self.policy.set_upstreams(
+            {a for link in set(self.links.values()) for a in link.addresses}
+            | {link.peer.host for link in self.links.values() if link.peer is not None}
+        )
         if self.config.control_socket:
             self.control = ControlServer(
                 self.config.control_socket,

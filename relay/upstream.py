@@ -63,6 +63,7 @@ class UpstreamLink:
 
     async def _resolve_udp(self) -> None:
         addresses = await self._resolve()
+        self.addresses = addresses
         if addresses:
             self.peer = Peer("udp", addresses[0], self.config.port)
             self.state = "up"

@@ -25,6 +25,7 @@ import itertools
 import logging
 import socket
 import ssl
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -80,7 +81,7 @@ def _dscp(ancdata: list[tuple[int, int, bytes]]) -> int:
         if level == socket.IPPROTO_IP and kind == socket.IP_TOS and value:
             return value[0] >> 2
         if level == socket.IPPROTO_IPV6 and kind == _IPV6_TCLASS and value:
-            return int.from_bytes(value[:4], "little") >> 2
+            return int.from_bytes(value[:4], sys.byteorder) >> 2  # a native int
     return 0
 
 
