@@ -22,8 +22,14 @@ def _same_transaction(invite: Request, method: str, to: str) -> Request:
 
 
 def ack_for(request: Request, response: Response) -> Request:
-    """The ACK for a non-2xx final: To (with its tag) from the response."""
-    return _same_transaction(request, "ACK", response.get("to") or "")
+    """The ACK for a 300-699 final (§17.1.1.3): To, with its tag, from the response.
+
+    Request-URI, Call-ID, From and the CSeq number are the INVITE's, the only Via is the
+    INVITE's top Via (so the ACK reaches the same server transaction), the INVITE's Route
+    headers are kept, Max-Forwards is 70 and there is no body. A 2xx is ACKed end to end by
+    the TU, never with this.
+    """
+    return _same_transaction(request, "ACK", response.get("to") or request.get("to") or "")
 
 
 def cancel_for(invite: Request) -> Request:
