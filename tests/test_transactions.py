@@ -437,4 +437,5 @@ def test_any_event_sequence_never_raises_and_ends_terminated(
 def test_timer_settings_derive_from_t1(t1: float) -> None:
     timers = TimerSettings(t1=t1)
     assert timers.timeout == 64 * t1
-    assert timers.timer_d(reliable=True) == 0 and timers.timer_d(reliable=False) >= 32
+    assert timers.timer_b == timers.timer_h == timers.timer_j == 64 * t1
+    assert timers.timer_d == max(32, 64 * t1)

@@ -1,29 +1,34 @@
 """INVITE client transaction (RFC 3261 §17.1.1, with RFC 6026's Accepted state).
 
-Theory of operation: the request is sent once at start; over UDP Timer A retransmits it,
-doubling each time, until a response arrives or Timer B (64*T1) gives up and tells the TU.
-Every provisional goes up. A 2xx goes up and moves to Accepted, where retransmitted 2xx keep
-going up (the TU/proxy forwards each one) until Timer M. A 300-699 is ACKed here, hop by hop
-(:func:`ack.ack_for`), goes up once, and Completed absorbs its retransmissions by resending the
-ACK until Timer D (zero on reliable transports: terminated at once).
+Rules:
+
+- :meth:`start` sends the INVITE and starts Timer B (64*T1); over UDP it also starts Timer A
+  (T1), which resends the INVITE and doubles on every firing (no cap).
+- Calling: a 1xx → Proceeding (A and B stopped: from here the TU's own timer, Timer C in a
+  proxy, bounds the wait); Timer B → Timeout to the TU, Terminated.
+- Calling or Proceeding: every 1xx goes to the TU; a 2xx goes to the TU and moves to Accepted
+  (Timer M, 64*T1); a 300-699 goes to the TU once, is ACKed here hop by hop
+  (:func:`ack.ack_for`) and moves to Completed (Timer D: ``max(32, 64*T1)`` s over UDP, zero on
+  reliable transports, where the transaction terminates at once).
+- Completed: a retransmitted 300-699 is answered with the same ACK again and not delivered.
+- Accepted (RFC 6026): every further 2xx, retransmitted or from another fork, goes to the TU,
+  which ACKs it end to end; Timer M → Terminated.
+- A transport error while the transaction can still send (Calling, Proceeding, Completed) →
+  TransportError to the TU, Terminated.
+
+Theory of operation: the table below is the whole state machine; each row names the effect
+method that builds the actions of that transition (see :mod:`base`). Anything not in the table
+(a 1xx after the final, a 300-699 in Accepted, a late Timer A) is ignored.
 """
 
 from __future__ import annotations
 
 from enum import Enum, auto
 
-from clearip.relay.sip.message import Request, Response
+from clearip.relay.sip.message import Request
 from clearip.relay.sip.transaction.ack import ack_for
-from clearip.relay.sip.transaction.actions import (
-    Action,
-    DeliverResponse,
-    SendMessage,
-    StartTimer,
-    StopTimer,
-    Terminated,
-    Timeout,
-)
-from clearip.relay.sip.transaction.base import Machine, response_event
+from clearip.relay.sip.transaction.actions import Action, SendMessage
+from clearip.relay.sip.transaction.base import ClientMachine
 from clearip.relay.sip.transaction.matching import TransactionKey, client_key_for
 from clearip.relay.sip.transaction.timers import DEFAULT_TIMERS, TimerSettings
 
@@ -39,7 +44,9 @@ class ClientInviteState(Enum):
 S = ClientInviteState
 
 
-class ClientInviteTransaction(Machine):
+class ClientInviteTransaction(ClientMachine):
+    RETRANSMIT = "A"
+    TIMEOUT = "B"
     TABLE = {
         (S.CALLING, "timer_A"): (S.CALLING, "_retransmit"),
         (S.CALLING, "timer_B"): (S.TERMINATED, "_timeout"),
@@ -61,61 +68,35 @@ class ClientInviteTransaction(Machine):
     def __init__(
         self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS
     ) -> None:
-        super().__init__(reliable=reliable, timers=timers)
-        self.request = request
+        super().__init__(request, reliable=reliable, timers=timers)
         self.key: TransactionKey = client_key_for(request)
         self.state: ClientInviteState = S.CALLING
-        self._interval = timers.t1
-        self._response: Response | None = None
         self._ack: Request | None = None
 
-    def start(self) -> list[Action]:
-        actions: list[Action] = [SendMessage(self.request)]
-        if not self.reliable:
-            actions.append(StartTimer("A", self._interval))
-        actions.append(StartTimer("B", self.timers.timeout))
-        return actions
-
-    def on_response(self, response: Response) -> list[Action]:
-        self._response = response
-        return self._fire(response_event(response))
-
+    # -- effects -------------------------------------------------------------------------------
     def _retransmit(self) -> list[Action]:
         self._interval *= 2
-        return [SendMessage(self.request), StartTimer("A", self._interval)]
-
-    def _timeout(self) -> list[Action]:
-        return [Timeout(), Terminated()]
-
-    def _deliver(self) -> list[Action]:
-        assert self._response is not None
-        return [DeliverResponse(self._response)]
+        return [SendMessage(self.request), *self._start_timer("A", self._interval)]
 
     def _first_provisional(self) -> list[Action]:
-        return [StopTimer("A"), StopTimer("B"), *self._deliver()]
+        return [*self._stop_timers("A", "B"), *self._deliver()]
 
     def _accepted(self) -> list[Action]:
         return [
-            StopTimer("A"),
-            StopTimer("B"),
+            *self._stop_timers("A", "B"),
             *self._deliver(),
-            StartTimer("M", self.timers.timeout),
+            *self._start_timer("M", self.timers.timer_m),
         ]
 
     def _completed(self) -> list[Action]:
         assert self._response is not None
         self._ack = ack_for(self.request, self._response)
-        actions: list[Action] = [
-            StopTimer("A"),
-            StopTimer("B"),
+        return [
+            *self._stop_timers("A", "B"),
             SendMessage(self._ack),
             *self._deliver(),
+            *self._start_timer("D", 0.0 if self.reliable else self.timers.timer_d),
         ]
-        wait = self.timers.timer_d(self.reliable)
-        if wait <= 0:
-            self.state = S.TERMINATED
-            return [*actions, Terminated()]
-        return [*actions, StartTimer("D", wait)]
 
     def _resend_ack(self) -> list[Action]:
         assert self._ack is not None

@@ -1,26 +1,29 @@
-"""Non-INVITE client transaction (RFC 3261 §17.1.2): BYE, CANCEL, OPTIONS... that we send.
+"""Non-INVITE client transaction (RFC 3261 §17.1.2): the BYE, CANCEL, OPTIONS... we send.
 
-Theory of operation: sent at start; over UDP Timer E retransmits with doubling capped at T2
-(and at T2 flat once a provisional arrived) until Timer F (64*T1) reports a timeout. The first
-final response goes up and Completed absorbs retransmissions for Timer K (T4 on UDP, zero on
-reliable transports).
+Rules:
+
+- :meth:`start` sends the request and starts Timer F (64*T1); over UDP it also starts Timer E
+  (T1).
+- Trying: Timer E resends the request and restarts with ``min(2*E, T2)``; a 1xx goes to the TU
+  and moves to Proceeding.
+- Proceeding: every 1xx goes to the TU; Timer E resends the request and restarts with T2
+  (flat, whatever its previous value).
+- Trying or Proceeding: Timer F → Timeout to the TU, Terminated; a final response (200-699)
+  goes to the TU and moves to Completed, where Timer K (T4 over UDP, zero on reliable
+  transports: terminated at once) absorbs response retransmissions.
+- A transport error while the request can still be (re)sent → TransportError, Terminated.
+
+Theory of operation: as in :mod:`client_invite`, the table is the whole machine and anything
+outside it (a response in Completed, a late Timer E) is ignored.
 """
 
 from __future__ import annotations
 
 from enum import Enum, auto
 
-from clearip.relay.sip.message import Request, Response
-from clearip.relay.sip.transaction.actions import (
-    Action,
-    DeliverResponse,
-    SendMessage,
-    StartTimer,
-    StopTimer,
-    Terminated,
-    Timeout,
-)
-from clearip.relay.sip.transaction.base import Machine, response_event
+from clearip.relay.sip.message import Request
+from clearip.relay.sip.transaction.actions import Action, SendMessage
+from clearip.relay.sip.transaction.base import ClientMachine
 from clearip.relay.sip.transaction.matching import TransactionKey, client_key_for
 from clearip.relay.sip.transaction.timers import DEFAULT_TIMERS, TimerSettings
 
@@ -35,7 +38,9 @@ class ClientNonInviteState(Enum):
 S = ClientNonInviteState
 
 
-class ClientNonInviteTransaction(Machine):
+class ClientNonInviteTransaction(ClientMachine):
+    RETRANSMIT = "E"
+    TIMEOUT = "F"
     TABLE = {
         (S.TRYING, "timer_E"): (S.TRYING, "_retransmit"),
         (S.TRYING, "timer_F"): (S.TERMINATED, "_timeout"),
@@ -55,42 +60,21 @@ class ClientNonInviteTransaction(Machine):
     def __init__(
         self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS
     ) -> None:
-        super().__init__(reliable=reliable, timers=timers)
-        self.request = request
+        super().__init__(request, reliable=reliable, timers=timers)
         self.key: TransactionKey = client_key_for(request)
         self.state: ClientNonInviteState = S.TRYING
-        self._interval = timers.t1
-        self._response: Response | None = None
 
-    def start(self) -> list[Action]:
-        actions: list[Action] = [SendMessage(self.request)]
-        if not self.reliable:
-            actions.append(StartTimer("E", self._interval))
-        actions.append(StartTimer("F", self.timers.timeout))
-        return actions
-
-    def on_response(self, response: Response) -> list[Action]:
-        self._response = response
-        return self._fire(response_event(response))
-
+    # -- effects -------------------------------------------------------------------------------
     def _retransmit(self) -> list[Action]:
-        self._interval = min(self._interval * 2, self.timers.t2)
-        return [SendMessage(self.request), StartTimer("E", self._interval)]
+        self._interval = self.timers.backoff(self._interval)
+        return [SendMessage(self.request), *self._start_timer("E", self._interval)]
 
     def _retransmit_t2(self) -> list[Action]:
-        return [SendMessage(self.request), StartTimer("E", self.timers.t2)]
-
-    def _timeout(self) -> list[Action]:
-        return [Timeout(), Terminated()]
-
-    def _deliver(self) -> list[Action]:
-        assert self._response is not None
-        return [DeliverResponse(self._response)]
+        return [SendMessage(self.request), *self._start_timer("E", self.timers.t2)]
 
     def _completed(self) -> list[Action]:
-        actions: list[Action] = [StopTimer("E"), StopTimer("F"), *self._deliver()]
-        wait = self.timers.wait_t4(self.reliable)
-        if wait <= 0:
-            self.state = S.TERMINATED
-            return [*actions, Terminated()]
-        return [*actions, StartTimer("K", wait)]
+        return [
+            *self._stop_timers("E", "F"),
+            *self._deliver(),
+            *self._start_timer("K", 0.0 if self.reliable else self.timers.timer_k),
+        ]

@@ -1,17 +1,29 @@
-"""Non-INVITE server transaction (RFC 3261 §17.2.2).
+"""Non-INVITE server transaction (RFC 3261 §17.2.2): the BYE, CANCEL, OPTIONS... we answer.
 
-Theory of operation: a retransmitted request is absorbed in Trying and answered with the last
-response in Proceeding and Completed. The first final response moves to Completed, which lasts
-Timer J (64*T1 on UDP, zero on reliable transports) to absorb retransmissions.
+Rules:
+
+- Created in Trying when the request arrives; the caller hands the request to the TU itself.
+- Trying: a retransmitted request is absorbed (nothing has been sent to repeat).
+- Trying or Proceeding: a 1xx from the TU is sent and moves to (or stays in) Proceeding; a
+  final (200-699) is sent and moves to Completed.
+- Proceeding and Completed: a retransmitted request is answered with the latest response sent.
+- Completed lasts Timer J (64*T1 over UDP, zero on reliable transports: terminated at once);
+  further responses from the TU are dropped.
+- A transport error while sending (Proceeding, Completed) → TransportError, Terminated. One in
+  Trying, where nothing was sent, is honoured the same way rather than ignored, so a caller
+  that reports it never keeps a dead transaction.
+
+Theory of operation: the table is the whole machine (see :mod:`base`); anything outside it is
+ignored.
 """
 
 from __future__ import annotations
 
 from enum import Enum, auto
 
-from clearip.relay.sip.message import Request, Response
-from clearip.relay.sip.transaction.actions import Action, SendMessage, StartTimer, Terminated
-from clearip.relay.sip.transaction.base import Machine, response_event
+from clearip.relay.sip.message import Request
+from clearip.relay.sip.transaction.actions import Action
+from clearip.relay.sip.transaction.base import ServerMachine
 from clearip.relay.sip.transaction.matching import TransactionKey, server_key
 from clearip.relay.sip.transaction.timers import DEFAULT_TIMERS, TimerSettings
 
@@ -26,7 +38,7 @@ class ServerNonInviteState(Enum):
 S = ServerNonInviteState
 
 
-class ServerNonInviteTransaction(Machine):
+class ServerNonInviteTransaction(ServerMachine):
     TABLE = {
         (S.TRYING, "request"): (S.TRYING, "_nothing"),
         (S.TRYING, "send_1xx"): (S.PROCEEDING, "_send"),
@@ -46,32 +58,19 @@ class ServerNonInviteTransaction(Machine):
     def __init__(
         self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS
     ) -> None:
-        super().__init__(reliable=reliable, timers=timers)
-        self.request = request
+        super().__init__(request, reliable=reliable, timers=timers)
         self.key: TransactionKey = server_key(request)
         self.state: ServerNonInviteState = S.TRYING
-        self._last: Response | None = None
-        self._outgoing: Response | None = None
 
     def on_request(self, request: Request) -> list[Action]:
+        """A retransmission of the request matched to this transaction."""
+        if request.method != self.request.method:
+            return []
         return self._fire("request")
 
-    def send_response(self, response: Response) -> list[Action]:
-        self._outgoing = response
-        return self._fire("send_" + response_event(response))
-
-    def _send(self) -> list[Action]:
-        assert self._outgoing is not None
-        self._last = self._outgoing
-        return [SendMessage(self._outgoing)]
-
-    def _resend_last(self) -> list[Action]:
-        return [SendMessage(self._last)] if self._last is not None else []
-
+    # -- effects -------------------------------------------------------------------------------
     def _completed(self) -> list[Action]:
-        actions = self._send()
-        wait = self.timers.timer_j(self.reliable)
-        if wait <= 0:
-            self.state = S.TERMINATED
-            return [*actions, Terminated()]
-        return [*actions, StartTimer("J", wait)]
+        return [
+            *self._send(),
+            *self._start_timer("J", 0.0 if self.reliable else self.timers.timer_j),
+        ]
