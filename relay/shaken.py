@@ -44,8 +44,9 @@ def decode(jwt: str) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         header = json.loads(b64url_decode(parts[0]))
         claims = json.loads(b64url_decode(parts[1]))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PassportError(f"not JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: deeply nested JSON from a hostile peer must not escape as a crash.
+        raise PassportError(f"not JSON: {type(exc).__name__}") from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise PassportError("header and claims must be JSON objects")
     return header, claims
