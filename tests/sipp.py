@@ -284,10 +284,14 @@ def start_sipp(
     service: str | None = None,
     calls: int = 1,
     extra: list[str] | None = None,
+    prefix: list[str] | None = None,
+    timeout: int = 30,
 ) -> Sipp:
+    """``prefix`` runs SIPp through another command (``ip netns exec NS``); ``timeout`` is
+    SIPp's global timeout in seconds (it exits with an error after it)."""
     path = directory / f"{name}.xml"
     path.write_text(scenario)
-    cmd = ["sipp"]
+    cmd = [*(prefix or []), "sipp"]
     if remote is not None:
         cmd.append(f"{remote[0]}:{remote[1]}")
     cmd += [
@@ -295,7 +299,7 @@ def start_sipp(
         "-m", str(calls), "-nostdin", "-trace_msg", "-trace_err",
         "-message_file", str(directory / f"{name}_messages.log"),
         "-error_file", str(directory / f"{name}_errors.log"),
-        "-timeout", "30s", "-timeout_error", "-max_recv_loops", "1000",
+        "-timeout", f"{timeout}s", "-timeout_error", "-max_recv_loops", "1000",
     ]  # fmt: skip
     if service is not None:
         cmd += ["-s", service]
