@@ -1,0 +1,223 @@
+"""Resource limits of the real relay, each reached on purpose: answered cleanly and counted.
+
+- TCP connections per source (``max_connections_per_source``, 64) and in total
+  (``max_connections``, 4096): the connection over the limit is closed at once, the others
+  keep working. Neither is a config key (they are ``SipEndpoint`` arguments the daemon leaves at
+  their defaults), so the total is lowered on the running endpoint to reach it with few sockets.
+- Pending transactions (``[proxy] max_transactions``): the INVITE over it gets
+  ``503 Overloaded`` with ``Retry-After`` at once; an emergency call is still served.
+- Message size (64 KiB, ``Limits.max_message_size``): over TCP the connection is closed; a UDP
+  datagram cannot exceed it over IPv4 (65,507 bytes of payload at most), so over UDP the
+  limit met is the header line length (8 KiB), answered 400.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from clearip.relay.sip.message import Response
+from clearip.relay.sip.parser import parse_message
+from tests.proxy_harness import (
+    PROVIDER_A_IP,
+    PROVIDER_B_IP,
+    SWITCH_IP,
+    ThreadedProxy,
+    threaded_proxy,
+    wait_for,
+    write_config,
+)
+from tests.reliability import emulator
+from tests.sipp import free_port
+
+pytestmark = [pytest.mark.slow]
+
+SILENT_CLEARIP = '[[rule]]\nname = "hold every call"\naction = "silent"\n'
+
+
+@contextlib.contextmanager
+def relay(tmp_path: Path, proxy_lines: str = "") -> Iterator[tuple[int, ThreadedProxy]]:
+    """The relay in front of an emulator that never answers (calls stay pending)."""
+    with emulator(tmp_path, SILENT_CLEARIP) as ports:
+        port = free_port()
+        config = write_config(
+            tmp_path, port=port, upstream=f"sip:127.0.0.1:{ports['tcp']};transport=tcp"
+        )
+        config.write_text(config.read_text().replace("[proxy]\n", f"[proxy]\n{proxy_lines}", 1))
+        with threaded_proxy(config) as proxy:
+            yield port, proxy
+
+
+def _invite(number: str, sock: socket.socket, transport: str = "UDP", pad: str = "") -> bytes:
+    host, port = sock.getsockname()[:2]
+    tag = time.monotonic_ns()
+    return (
+        f"INVITE sip:{number}@127.0.0.1 SIP/2.0\r\n"
+        f"Via: SIP/2.0/{transport} {host}:{port};branch=z9hG4bK-lim-{tag}\r\n"
+        "Max-Forwards: 70\r\n"
+        f"From: <sip:14045550100@{host}>;tag=lim{tag}\r\n"
+        f"To: <sip:{number}@127.0.0.1>\r\n"
+        f"Call-ID: lim-{tag}@{host}\r\n"
+        "CSeq: 1 INVITE\r\n"
+        f"Contact: <sip:switch@{host}:{port}>\r\n"
+        f"{pad}Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def _final(sock: socket.socket, timeout: float = 3.0) -> Response:
+    """The first final response on ``sock`` (provisional ones skipped)."""
+    sock.settimeout(timeout)
+    while True:
+        message = parse_message(sock.recv(65535))
+        assert isinstance(message, Response)
+        if message.status >= 200:
+            return message
+
+
+def _ack(sock: socket.socket, invite: bytes, final: Response, port: int) -> None:
+    """ACK a non-2xx final hop by hop (same branch), so its transaction ends."""
+    head = invite.split(b"\r\n\r\n", 1)[0].decode().replace("INVITE sip:", "ACK sip:", 1)
+    lines = [ln for ln in head.split("\r\n") if not ln.startswith(("To:", "CSeq:", "Contact:"))]
+    lines += [f"To: {final.get('to')}", "CSeq: 1 ACK", "Content-Length: 0"]
+    sock.sendto(("\r\n".join(ln for ln in lines if ln) + "\r\n\r\n").encode(), ("127.0.0.1", port))
+
+
+def _udp(host: str = SWITCH_IP) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    return sock
+
+
+def _is_closed(sock: socket.socket, timeout: float = 2.0) -> bool:
+    """Whether the relay closed (or reset) this accepted connection."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _options(sock: socket.socket) -> bytes:
+    host, port = sock.getsockname()[:2]
+    tag = time.monotonic_ns()
+    return (
+        "OPTIONS sip:127.0.0.1 SIP/2.0\r\n"
+        f"Via: SIP/2.0/TCP {host}:{port};branch=z9hG4bK-opt-{tag}\r\n"
+        f"Max-Forwards: 70\r\nFrom: <sip:ping@{host}>;tag=o{tag}\r\nTo: <sip:127.0.0.1>\r\n"
+        f"Call-ID: opt-{tag}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def _inbound(proxy: ThreadedProxy) -> int:
+    return proxy.call(lambda d: sum(c.inbound for c in d.endpoint.connections.values()))
+
+
+def _connect(port: int, host: str = SWITCH_IP) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(host, 0))
+    return sock
+
+
+def test_connections_per_source_and_in_total(tmp_path: Path) -> None:
+    with relay(tmp_path) as (port, proxy), contextlib.ExitStack() as stack:
+        per_source = proxy.call(lambda d: d.endpoint.max_connections_per_source)
+        assert per_source == 64
+        # From 127.0.0.3: 127.0.0.1 is also ClearIP's address here, and the relay's own
+        # connection to it counts against that address (see the module docstring).
+        conns = [stack.enter_context(_connect(port, PROVIDER_B_IP)) for _ in range(per_source)]
+        wait_for(lambda: _inbound(proxy) == per_source, 5, "64 connections")
+        over = stack.enter_context(_connect(port, PROVIDER_B_IP))
+        assert _is_closed(over), "connection 65 from one source was kept"
+        assert proxy.counters()["connection_per_source_limit_closed"] == 1
+        # The ones within the limit still work, and another source is not affected.
+        conns[-1].sendall(_options(conns[-1]))
+        assert conns[-1].recv(4000).startswith(b"SIP/2.0 200")
+        other = stack.enter_context(_connect(port, SWITCH_IP))
+        other.sendall(_options(other))
+        assert other.recv(4000).startswith(b"SIP/2.0 200")
+        for conn in conns:
+            conn.close()
+        wait_for(lambda: _inbound(proxy) == 1, 5, "the closed ones to go")
+        # The total (inbound and outbound together): lowered on the running endpoint, as no
+        # config key exists for it. 1 to ClearIP + 1 from the switch + 4 more = 6.
+        proxy.call(lambda d: setattr(d.endpoint, "max_connections", 6))
+        more = [stack.enter_context(_connect(port, PROVIDER_B_IP)) for _ in range(4)]
+        wait_for(lambda: proxy.call(lambda d: len(d.endpoint.connections)) == 6, 5)
+        refused = stack.enter_context(_connect(port, PROVIDER_A_IP))
+        assert _is_closed(refused), "connection over the total limit was kept"
+        assert proxy.counters()["connection_limit_closed"] == 1
+        assert not _is_closed(more[0], 0.3)
+
+
+def test_max_transactions_answers_503_overloaded_but_never_emergencies(tmp_path: Path) -> None:
+    with relay(tmp_path, "max_transactions = 3\n") as (port, proxy):
+        socks = [_udp() for _ in range(5)]
+        try:
+            invites = []
+            for sock in socks[:3]:  # ClearIP holds these: three pending INVITEs
+                invites.append(_invite("12125550100", sock))
+                sock.sendto(invites[-1], ("127.0.0.1", port))
+            wait_for(lambda: proxy.call(lambda d: len(d.core.server_txns)) == 3, 5)
+            started = time.monotonic()
+            over = _invite("12125550100", socks[3])
+            socks[3].sendto(over, ("127.0.0.1", port))
+            final = _final(socks[3])
+            assert time.monotonic() - started < 0.5
+            assert (final.status, final.reason) == (503, "Overloaded")
+            assert final.get("retry-after") == "5"
+            assert proxy.counters()["overload_rejected"] == 1
+            # An emergency call at the limit is still handled (routed directly: 503 with the
+            # emergency Reason, not Overloaded).
+            emergency_invite = _invite("911", socks[4])
+            socks[4].sendto(emergency_invite, ("127.0.0.1", port))
+            emergency = _final(socks[4])
+            _ack(socks[4], emergency_invite, emergency, port)
+            assert emergency.reason != "Overloaded" and "Emergency" in (
+                emergency.get("reason") or ""
+            )
+            assert proxy.counters()["emergency"] == 1
+            # The held calls fail open after upstream_timeout; then new calls pass again.
+            for sock, invite in zip(socks[:3], invites, strict=True):
+                held = _final(sock, 5)
+                assert held.status == 503 and held.reason != "Overloaded"
+                _ack(sock, invite, held, port)
+            # Their server transactions absorb ACK retransmissions for Timer I (T4, 5 s).
+            wait_for(lambda: proxy.call(lambda d: len(d.core.server_txns)) == 0, 10)
+            again = _invite("12125550100", socks[3])
+            socks[3].sendto(again, ("127.0.0.1", port))
+            assert _final(socks[3], 5).reason != "Overloaded"
+            assert proxy.counters()["overload_rejected"] == 1
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def test_oversized_message_closes_tcp_and_overlong_line_gets_400_over_udp(tmp_path: Path) -> None:
+    with relay(tmp_path) as (port, proxy):
+        with _connect(port) as conn:
+            big = _invite("12125550100", conn, "TCP").replace(
+                b"Content-Length: 0", b"Content-Length: 70000"
+            )
+            conn.sendall(big + b"x" * 70000)
+            assert _is_closed(conn), "a 70 KB message did not close the connection"
+        assert proxy.counters()["stream_closed_too-large"] == 1
+        with _udp() as sock:
+            sock.sendto(
+                _invite("12125550100", sock, pad=f"X-Pad: {'a' * 9000}\r\n"), ("127.0.0.1", port)
+            )
+            final = _final(sock)
+            assert final.status == 400, final
+        counters = proxy.counters()
+        assert counters["bad_request_sent"] == 1
+        assert sum(v for k, v in counters.items() if k.startswith("parse_error_")) == 1
+        # Nothing of either reached ClearIP or stayed behind, and the relay still answers.
+        assert proxy.wait_idle(5) == (0, 0)
+        with _connect(port) as conn:
+            conn.sendall(_options(conn))
+            assert conn.recv(4000).startswith(b"SIP/2.0 200")
