@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from clearip.relay.sip.errors import SipParseError
-from clearip.relay.sip.grammar import address_re, find_param, split_commas, split_params
+from clearip.relay.sip.grammar import (
+    PARSE_CACHE_SIZE,
+    address_re,
+    find_param,
+    split_commas,
+    split_params,
+)
 from clearip.relay.sip.uri import Uri, parse_uri
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Address:
-    """One address: optional display name, the URI text, and header parameters."""
+    """One address: optional display name, the URI text, and header parameters.
+
+    Immutable and memoised by its text (shared between messages): never change one."""
 
     display: str | None
     uri_text: str
@@ -48,6 +57,7 @@ class Address:
         return "".join(out)
 
 
+@functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
 def parse_address(text: str) -> Address:
     """Parse one name-addr or addr-spec with parameters; raise SipParseError if malformed."""
     m = address_re.fullmatch(text)

@@ -48,6 +48,12 @@ date_re = re.compile(
 )
 header_name_re = re.compile(TOKEN)
 
+#: Entries kept by each memoised parse (URIs, addresses, Via, CSeq). The same header values
+#: recur in every message of a call (From, To, the switch's Via, Record-Route), so a call's
+#: later messages look them up instead of parsing again; bounded so a flood of distinct values
+#: costs a fixed amount of memory.
+PARSE_CACHE_SIZE = 8192
+
 
 def find_param(params: list[tuple[str, str | None]], name: str) -> str | None:
     """A parameter's value, names compared case-insensitively ('' for a flag such as ``lr``;

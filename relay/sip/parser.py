@@ -8,14 +8,15 @@ raises a :class:`SipParseError` subclass naming the problem; nothing else escape
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
 from clearip.relay.sip.address import parse_address
 from clearip.relay.sip.errors import IncompleteMessage, LimitExceeded, SipParseError
 from clearip.relay.sip.grammar import (
+    PARSE_CACHE_SIZE,
     TOKEN,
-    address_re,
     cseq_re,
     date_re,
     digits_re,
@@ -23,11 +24,10 @@ from clearip.relay.sip.grammar import (
     split_commas,
     status_line_re,
     token_re,
-    via_re,
 )
 from clearip.relay.sip.message import COMPACT_FORMS, Header, Message, Request, Response
 from clearip.relay.sip.uri import parse_sip_uri, parse_uri
-from clearip.relay.sip.via import parse_via
+from clearip.relay.sip.via import via_fields
 
 MAX_CSEQ = 2**31 - 1
 MAX_FORWARDS_LIMIT = 255
@@ -171,27 +171,25 @@ def _parse_request_line(line: str, limits: Limits) -> Request:
 
 
 def _validate(message: Request | Response) -> None:
-    """Check the headers a proxy depends on; each instance of each is checked."""
+    """Check the headers a proxy depends on; each instance of each is checked.
+
+    The checks go through the memoised parsers, so a value seen in an earlier message of the
+    call (From, To, Contact, a Via) costs a lookup, not a regular-expression match.
+    """
     for header in message.headers:
         key = header.key
         value = header.value
         if key == "via":
             if "," not in value:
-                if via_re.fullmatch(value) is None:
-                    parse_via(value)  # raises with the reason
+                via_fields(value)
             else:
                 for part in split_commas(value):
-                    parse_via(part)
+                    via_fields(part)
         elif key in _ADDRESS_KEYS:
-            if address_re.fullmatch(value) is None:
-                parse_address(value)  # raises with the reason
+            parse_address(value)
         elif key == "cseq":
-            m = cseq_re.fullmatch(value)
-            if m is None:
-                raise SipParseError("malformed CSeq", "cseq")
-            if len(m.group(1)) > 10 or int(m.group(1)) > MAX_CSEQ:
-                raise SipParseError("CSeq number too large", "cseq")
-            if isinstance(message, Request) and m.group(2) != message.method:
+            _, method = cseq_fields(value)
+            if isinstance(message, Request) and method != message.method:
                 raise SipParseError("CSeq method does not match the request method", "cseq")
         elif key == "max-forwards":
             m = digits_re.fullmatch(value)
@@ -201,17 +199,27 @@ def _validate(message: Request | Response) -> None:
             if value == "*":
                 continue
             if "," not in value:
-                if address_re.fullmatch(value) is None:
-                    parse_address(value)
+                parse_address(value)
             else:
                 for part in split_commas(value):
                     parse_address(part)
         elif key == "call-id":
-            if not value or any(c in value for c in " \t"):
+            if not value or " " in value or "\t" in value:
                 raise SipParseError("malformed Call-ID", "call-id")
         elif key == "date":
             if date_re.fullmatch(value) is None:
                 raise SipParseError("malformed Date (RFC 1123 date in GMT required)", "date")
+
+
+@functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
+def cseq_fields(value: str) -> tuple[int, str]:
+    """A CSeq value as (number, method); raises SipParseError when malformed (memoised)."""
+    m = cseq_re.fullmatch(value)
+    if m is None:
+        raise SipParseError("malformed CSeq", "cseq")
+    if len(m.group(1)) > 10 or int(m.group(1)) > MAX_CSEQ:
+        raise SipParseError("CSeq number too large", "cseq")
+    return int(m.group(1)), m.group(2)
 
 
 def _body(data: bytes, start: int, content_lengths: list[str], datagram: bool) -> bytes:

@@ -2,15 +2,19 @@
 
 A URI keeps its original text; ``str(uri)`` returns it unchanged unless a field was edited, so a
 proxy never rewrites a URI it only read. Other schemes are kept as opaque text.
+
+Parsed URIs are immutable and memoised by their text (the same Contact, Route and Request-URI
+recur in every message of a call): callers share them and must not change them.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
 from clearip.relay.sip.errors import SipParseError
-from clearip.relay.sip.grammar import find_param
+from clearip.relay.sip.grammar import PARSE_CACHE_SIZE, find_param
 
 _sip_re = re.compile(
     r"(?P<scheme>sips?):(?:(?P<userinfo>[^@]*)@)?"
@@ -32,7 +36,7 @@ def _params(text: str) -> list[tuple[str, str | None]]:
     return out
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class SipUri:
     """``sip:user:password@host:port;params?headers``."""
 
@@ -80,7 +84,7 @@ class SipUri:
         return "".join(out)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class TelUri:
     """``tel:+1-212-555-0100;phone-context=...``."""
 
@@ -94,7 +98,7 @@ class TelUri:
         return "".join(out)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class OtherUri:
     """Any other scheme (``http:``, ``urn:``...): kept as text."""
 
@@ -111,6 +115,7 @@ class OtherUri:
 Uri = SipUri | TelUri | OtherUri
 
 
+@functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
 def parse_uri(text: str) -> Uri:
     """Parse a URI; a malformed sip/sips/tel URI raises :class:`SipParseError`."""
     scheme, sep, _ = text.partition(":")
@@ -129,6 +134,7 @@ def parse_uri(text: str) -> Uri:
     return OtherUri(text)
 
 
+@functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
 def parse_sip_uri(text: str) -> SipUri:
     # The user part may hold almost anything (even '?', ';' and ':'), but '@' cannot appear
     # unescaped after it, so the last '@' ends the userinfo.

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from clearip.relay.sip.errors import SipParseError
-from clearip.relay.sip.grammar import find_param, split_params, via_re
+from clearip.relay.sip.grammar import PARSE_CACHE_SIZE, find_param, split_params, via_re
 
 MAGIC_COOKIE = "z9hG4bK"
 DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061, "sctp": 5060, "ws": 80, "wss": 443}
@@ -57,6 +58,14 @@ class Via:
 
 
 def parse_via(text: str) -> Via:
+    """A Via value as a new (editable) :class:`Via`; raises SipParseError if malformed."""
+    transport, host, port, params = via_fields(text)
+    return Via(transport, host, port, list(params))
+
+
+@functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
+def via_fields(text: str) -> tuple[str, str, int | None, tuple[tuple[str, str | None], ...]]:
+    """The parts of a Via value, memoised (a call's Vias recur in all its responses)."""
     m = via_re.fullmatch(text)
     if m is None:
         raise SipParseError(f"malformed Via {text.strip()[:60]!r}", "via")
@@ -64,4 +73,4 @@ def parse_via(text: str) -> Via:
     port_number = int(port) if port else None
     if port_number is not None and not 0 < port_number <= 65535:
         raise SipParseError("Via port out of range", "via")
-    return Via(transport, host, port_number, split_params(params))
+    return transport, host, port_number, tuple(split_params(params))
