@@ -156,9 +156,8 @@ def main() -> int:
         driver.call(n)
     per_call = driver.busy / calls * 1e6
     print(f"{calls} calls, {driver.messages / calls:.1f} messages in per call")
-    print(
-        f"proxy work per call {per_call:8.1f} us  per message {driver.busy / driver.messages * 1e6:6.1f} us"
-    )
+    per_message = driver.busy / driver.messages * 1e6
+    print(f"proxy work per call {per_call:8.1f} us  per message {per_message:6.1f} us")
     print(f"live calls {driver.core.active_calls}, transactions {driver.core.active_transactions}")
     return 0
 

@@ -8,7 +8,7 @@ Contacts cannot make us call hundreds of destinations).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from clearip.relay.proxy.routing import Locality
 from clearip.relay.sip.address import Address
@@ -62,7 +62,7 @@ def read_redirect(
             skipped.append((contact.uri_text, "points at this proxy (loop)"))
             continue
         if uri.headers is not None:
-            uri.headers = None  # headers in a redirect Contact are not applied (§19.1.5)
+            uri = replace(uri, headers=None)  # not applied from a redirect (§19.1.5)
         targets.append(Target(uri, contact.q))
         if len(targets) >= max_contacts:
             if len(contacts) > max_contacts:
