@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from clearip.relay.daemon import Daemon
@@ -178,6 +179,7 @@ class Outcomes:
     invites: set[str] = field(default_factory=set)
     finals: dict[str, int] = field(default_factory=dict)
     bye_ok: set[str] = field(default_factory=set)
+    sent_at: dict[str, float] = field(default_factory=dict)  # first INVITE, Unix time
 
     @property
     def unanswered(self) -> set[str]:
@@ -187,7 +189,7 @@ class Outcomes:
         return dict(sorted(Counter(self.finals.values()).items()))
 
 
-_BLOCK = re.compile(r"^-{10,} .*$", re.MULTILINE)
+_BLOCK = re.compile(r"\n(?=-{10,} )")
 _CALL_ID = re.compile(r"^(?:Call-ID|i)[ \t]*:[ \t]*(\S+)", re.MULTILINE | re.IGNORECASE)
 _CSEQ = re.compile(r"^CSeq[ \t]*:[ \t]*\d+[ \t]+(\w+)", re.MULTILINE | re.IGNORECASE)
 
@@ -197,7 +199,8 @@ def outcomes(*switches: Sipp) -> Outcomes:
     out = Outcomes()
     for switch in switches:
         for block in _BLOCK.split(switch.messages):
-            head, _, message = block.strip().partition("\n")
+            stamp, _, rest = block.strip().partition("\n")
+            head, _, message = rest.partition("\n")
             message = message.lstrip()
             call = _CALL_ID.search(message)
             cseq = _CSEQ.search(message)
@@ -206,6 +209,10 @@ def outcomes(*switches: Sipp) -> Outcomes:
             call_id, method = call.group(1), cseq.group(1).upper()
             if "sent" in head and message.startswith("INVITE ") and method == "INVITE":
                 out.invites.add(call_id)
+                with contextlib.suppress(ValueError):
+                    text = stamp.lstrip("- ").strip()
+                    when = datetime.strptime(text, "%Y-%m-%d %H:%M:%S.%f").timestamp()
+                    out.sent_at.setdefault(call_id, when)
             elif "received" in head and message.startswith("SIP/2.0 "):
                 status = int(message[8:11])
                 if method == "INVITE" and status >= 200:
@@ -306,7 +313,11 @@ Contact: <sip:carrier@[local_ip]:[local_port];transport=[transport]>
     no_body = {"body_headers": "Content-Length: 0", "body": "", "retrans": ""}
     xml += reply.format(code=100, reason="Trying", **no_body)
     if answer_code >= 300:
-        xml += reply.format(code=answer_code, reason=reason, **no_body)
+        # Retransmitted until the ACK (Timer G): over UDP a lost final is otherwise never
+        # repeated, and the relay (which has the 100) waits for it up to Timer C.
+        xml += reply.format(
+            code=answer_code, reason=reason, **{**no_body, "retrans": ' retrans="500"'}
+        )
         xml += '  <recv request="ACK"/>\n</scenario>\n'
         return xml
     if ring:
