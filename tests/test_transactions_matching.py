@@ -191,7 +191,7 @@ def test_ack_for_follows_17_1_1_3() -> None:
     assert ack.get_all("route") == invite.get_all("route")  # in order
     assert ack.get("max-forwards") == "70"
     assert ack.get("content-length") == "0" and ack.body == b""
-    names = [h.key for h in ack.headers]
+    names = [h[1] for h in ack.headers]
     assert sorted(names) == sorted(
         ["via", "route", "route", "max-forwards", "from", "to", "call-id", "cseq", "content-length"]
     )

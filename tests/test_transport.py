@@ -56,7 +56,7 @@ def test_udp_round_trip_and_response_by_via() -> None:
         got, peer = server_rx.messages[0]
         assert isinstance(got, Request)
         assert peer == Peer("udp", "127.0.0.1", cport)
-        reply = Response(200, "OK", [h for h in got.headers if h.key != "max-forwards"])
+        reply = Response(200, "OK", [h for h in got.headers if h[1] != "max-forwards"])
         server.send(reply, response_peer(got, peer))
         await client_rx.wait_for(1)
         assert isinstance(client_rx.messages[0][0], Response)

@@ -11,7 +11,7 @@ import asyncio
 import secrets
 from dataclasses import dataclass, field
 
-from clearip.relay.sip.message import Header, Request, Response
+from clearip.relay.sip.message import Request, Response
 from clearip.relay.sip.uri import SipUri, parse_uri
 from clearip.relay.transport.endpoint import SipEndpoint, response_peer
 from clearip.relay.transport.peer import ListenerSpec, Peer
@@ -89,7 +89,7 @@ class Uac:
         result.final_response = response
         if response.status >= 300:
             ack = self._request("ACK", ruri, call_id, tag, 1, to=response.get("to") or "")
-            ack.headers[0] = Header("Via", "via", invite.get_all("via")[0], None)
+            ack.headers[0] = ("Via", "via", invite.get_all("via")[0], None)
             self.endpoint.send(ack, proxy)
             return result
         # 2xx: ACK and BYE follow the route set the proxy recorded (reversed Record-Route).
@@ -163,9 +163,7 @@ class Uas:
 
     def _reply(self, request: Request, peer: Peer, status: int, reason: str) -> None:
         headers = [
-            Header(h.name, h.key, h.value, h.raw)
-            for h in request.headers
-            if h.key in ("via", "record-route", "from", "call-id", "cseq")
+            h for h in request.headers if h[1] in ("via", "record-route", "from", "call-id", "cseq")
         ]
         to = request.get("to") or ""
         if ";tag=" not in to:

@@ -72,7 +72,7 @@ def read_redirect(
     copied: list[tuple[str, str]] = []
     for name in copy_headers:
         key = name.lower()
-        for header in response.headers:
-            if header.key == key:
-                copied.append((header.name, header.value))
+        for hname, hkey, value, _ in response.headers:
+            if hkey == key:
+                copied.append((hname, value))
     return Redirect(tuple(targets), tuple(skipped), tuple(copied))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from clearip.relay.sip.message import Header, Request, Response
+from clearip.relay.sip.message import Request, Response
 
 # Headers copied from a request into a response made for it (§8.2.6.2).
 _COPIED = frozenset(("via", "from", "call-id", "cseq"))
@@ -26,12 +26,12 @@ def make_reply(
     add_to_tag: bool = True,
     server: str = "clearip-inline-proxy",
 ) -> Response:
-    headers = [Header(h.name, h.key, h.value, h.raw) for h in request.headers if h.key in _COPIED]
+    headers = [h for h in request.headers if h[1] in _COPIED]
     to_value = request.get("to") or ""
     if add_to_tag and status > 100 and ";tag=" not in to_value.replace(" ", "").lower():
         to_value = f"{to_value};tag={local_to_tag(request)}"
     # Keep the To header where the request had it relative to the others: simplest is after From.
-    headers.append(Header("To", "to", to_value, None))
+    headers.append(("To", "to", to_value, None))
     response = Response(status, reason, headers)
     for name, value in extra or ():
         response.append(name, value)

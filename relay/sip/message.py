@@ -49,22 +49,11 @@ def canonical_name(key: str) -> str:
     return CANONICAL_NAMES.get(key) or "-".join(part.capitalize() for part in key.split("-"))
 
 
-class Header:
-    """One header field line. ``raw`` is the received text (None once edited)."""
-
-    __slots__ = ("key", "name", "raw", "value")
-
-    def __init__(self, name: str, key: str, value: str, raw: str | None) -> None:
-        self.name = name
-        self.key = key
-        self.value = value
-        self.raw = raw
-
-    def line(self) -> str:
-        return self.raw if self.raw is not None else f"{self.name}: {self.value}"
-
-    def __repr__(self) -> str:
-        return f"Header({self.name!r}, {self.value!r})"
+#: One header field line: (name as written, key, value, raw line). ``raw`` is the received text
+#: and None once the proxy wrote the line itself. A plain tuple of strings, not an object: the
+#: garbage collector stops tracking such tuples, and a proxy holds tens of thousands of messages
+#: in lingering transactions (RFC 6026's 32 s), each with a dozen headers.
+Header = tuple[str, str, str, str | None]
 
 
 class Message:
@@ -84,23 +73,26 @@ class Message:
     def get(self, key: str) -> str | None:
         """The value of the first header with this key (lower-case full name), or None."""
         for header in self.headers:
-            if header.key == key:
-                return header.value
+            if header[1] == key:
+                return header[2]
         return None
 
     def get_all(self, key: str) -> list[str]:
         """All values of a header, split at top-level commas, across lines, in order."""
         out: list[str] = []
-        for header in self.headers:
-            if header.key == key:
-                out.extend(split_commas(header.value))
+        for _, hkey, value, _ in self.headers:
+            if hkey == key:
+                out.extend(split_commas(value))
         return out
 
     def count(self, key: str) -> int:
-        return sum(1 for header in self.headers if header.key == key)
+        return sum(1 for header in self.headers if header[1] == key)
 
     def has(self, key: str) -> bool:
-        return any(header.key == key for header in self.headers)
+        for header in self.headers:  # noqa: SIM110 (a loop; any() with a generator is slower)
+            if header[1] == key:
+                return True
+        return False
 
     @property
     def call_id(self) -> str:
@@ -138,13 +130,9 @@ class Message:
     @property
     def top_via(self) -> Via:
         if self._top_via is None:
-            for header in self.headers:
-                if header.key == "via":
-                    first = (
-                        header.value.split(",", 1)[0]
-                        if '"' not in header.value
-                        else (split_commas(header.value)[0])
-                    )
+            for _, key, value, _ in self.headers:
+                if key == "via":
+                    first = value.split(",", 1)[0] if '"' not in value else split_commas(value)[0]
                     self._top_via = parse_via(first)
                     break
             else:
@@ -157,11 +145,11 @@ class Message:
     def addresses(self, key: str) -> list[Address]:
         """Contact, Route or Record-Route values, in order."""
         out: list[Address] = []
-        for header in self.headers:
-            if header.key == key:
-                if header.value.strip() == "*":
+        for _, hkey, value, _ in self.headers:
+            if hkey == key:
+                if value.strip() == "*":
                     continue
-                out.extend(parse_address_list(header.value))
+                out.extend(parse_address_list(value))
         return out
 
     def _required(self, key: str) -> str:
@@ -176,9 +164,9 @@ class Message:
         key = name.lower()
         key = COMPACT_FORMS.get(key, key)
         for index, header in enumerate(self.headers):
-            if header.key == key:
-                self.headers[index] = Header(header.name, key, value, None)
-                self.headers[index + 1 :] = [h for h in self.headers[index + 1 :] if h.key != key]
+            if header[1] == key:
+                self.headers[index] = (header[0], key, value, None)
+                self.headers[index + 1 :] = [h for h in self.headers[index + 1 :] if h[1] != key]
                 self._edited(key)
                 return
         self.append(name, value)
@@ -186,13 +174,13 @@ class Message:
     def append(self, name: str, value: str) -> None:
         key = name.lower()
         key = COMPACT_FORMS.get(key, key)
-        self.headers.append(Header(name, key, value, None))
+        self.headers.append((name, key, value, None))
         self._edited(key)
 
     def insert(self, index: int, name: str, value: str) -> None:
         key = name.lower()
         key = COMPACT_FORMS.get(key, key)
-        self.headers.insert(index, Header(name, key, value, None))
+        self.headers.insert(index, (name, key, value, None))
         self._edited(key)
 
     def prepend(self, name: str, value: str) -> None:
@@ -200,27 +188,27 @@ class Message:
         key = name.lower()
         key = COMPACT_FORMS.get(key, key)
         for index, header in enumerate(self.headers):
-            if header.key == key:
+            if header[1] == key:
                 self.insert(index, name, value)
                 return
         self.insert(0, name, value)
 
     def remove(self, key: str) -> int:
         before = len(self.headers)
-        self.headers = [h for h in self.headers if h.key != key]
+        self.headers = [h for h in self.headers if h[1] != key]
         self._edited(key)
         return before - len(self.headers)
 
     def pop_first_value(self, key: str) -> str | None:
         """Remove the first value of a (possibly comma-separated) header, e.g. the top Via."""
         for index, header in enumerate(self.headers):
-            if header.key != key:
+            if header[1] != key:
                 continue
-            values = split_commas(header.value)
+            values = split_commas(header[2])
             if len(values) == 1:
                 del self.headers[index]
             else:
-                self.headers[index] = Header(header.name, key, ", ".join(values[1:]), None)
+                self.headers[index] = (header[0], key, ", ".join(values[1:]), None)
             self._edited(key)
             return values[0]
         return None
@@ -238,8 +226,12 @@ class Message:
     def to_bytes(self) -> bytes:
         """Serialise; adds Content-Length when absent (mandatory on streams, harmless on UDP)."""
         lines = [self.start_line()]
-        lines.extend([h.raw if h.raw is not None else f"{h.name}: {h.value}" for h in self.headers])
-        if not any(h.key == "content-length" for h in self.headers):
+        length = False
+        for name, key, value, raw in self.headers:
+            lines.append(raw if raw is not None else f"{name}: {value}")
+            if key == "content-length":
+                length = True
+        if not length:
             lines.append(f"Content-Length: {len(self.body)}")
         lines.append("\r\n")
         return "\r\n".join(lines).encode("utf-8", "surrogateescape") + self.body
@@ -248,7 +240,7 @@ class Message:
         raise NotImplementedError
 
     def _copy_into(self, other: Message) -> None:
-        other.headers = [Header(h.name, h.key, h.value, h.raw) for h in self.headers]
+        other.headers = self.headers.copy()  # the tuples are immutable: share them
         other.body = self.body
         other.source = self.source
 

@@ -25,7 +25,7 @@ from clearip.relay.sip.grammar import (
     status_line_re,
     token_re,
 )
-from clearip.relay.sip.message import COMPACT_FORMS, Header, Message, Request, Response
+from clearip.relay.sip.message import COMPACT_FORMS, Message, Request, Response
 from clearip.relay.sip.uri import parse_sip_uri, parse_uri
 from clearip.relay.sip.via import via_fields
 
@@ -110,7 +110,7 @@ def parse_message(
             key = COMPACT_FORMS.get(key, key)
             if len(keys) < _KEY_CACHE_LIMIT:
                 keys[name] = key
-        headers.append(Header(name, key, value, raw_line))
+        headers.append((name, key, value, raw_line))
         if key == "content-length":
             content_lengths.append(value)
 
@@ -176,9 +176,7 @@ def _validate(message: Request | Response) -> None:
     The checks go through the memoised parsers, so a value seen in an earlier message of the
     call (From, To, Contact, a Via) costs a lookup, not a regular-expression match.
     """
-    for header in message.headers:
-        key = header.key
-        value = header.value
+    for _, key, value, _ in message.headers:
         if key == "via":
             if "," not in value:
                 via_fields(value)
@@ -246,5 +244,5 @@ def _body(data: bytes, start: int, content_lengths: list[str], datagram: bool) -
 
 def content_length_conflict(message: Message) -> bool:
     """True when the message carries several different Content-Length values."""
-    values = {h.value for h in message.headers if h.key == "content-length"}
+    values = {h[2] for h in message.headers if h[1] == "content-length"}
     return len(values) > 1

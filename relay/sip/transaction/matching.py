@@ -23,16 +23,14 @@ Client side (§17.1.3): the branch of the top Via (always ours) and the CSeq met
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.via import MAGIC_COOKIE
 
-
-@dataclass(frozen=True, slots=True)
-class TransactionKey:
-    parts: tuple[str, ...]
+#: A plain tuple of strings (which the garbage collector does not track): every live and
+#: lingering transaction holds one, and so do the tables and timers that name it.
+TransactionKey = tuple[str, ...]
 
 
 def has_rfc3261_branch(message: Message) -> bool:
@@ -48,19 +46,17 @@ def _server_key(request: Request, method: str) -> TransactionKey:
     via = request.top_via
     branch = via.branch or ""
     if branch.startswith(MAGIC_COOKIE):
-        return TransactionKey(("3261", branch, via.sent_by.lower(), method))
+        return ("3261", branch, via.sent_by.lower(), method)
     to_tag = "" if request.method == "ACK" else (request.to_tag or "")
-    return TransactionKey(
-        (
-            "2543",
-            request.uri_text,
-            to_tag,
-            request.from_tag or "",
-            request.call_id,
-            str(request.cseq[0]),
-            str(via),
-            method,
-        )
+    return (
+        "2543",
+        request.uri_text,
+        to_tag,
+        request.from_tag or "",
+        request.call_id,
+        str(request.cseq[0]),
+        str(via),
+        method,
     )
 
 
@@ -82,14 +78,12 @@ def client_key_for(request: Request) -> TransactionKey:
     An ACK maps to its INVITE's key: the ACK for a 300-699 is sent by (and a failure to send
     it belongs to) the INVITE client transaction.
     """
-    return TransactionKey(
-        ("client", request.top_via.branch or "", _method_for_match(request.method))
-    )
+    return ("client", request.top_via.branch or "", _method_for_match(request.method))
 
 
 def client_key(response: Response) -> TransactionKey:
     """The key of the client transaction a response belongs to (§17.1.3)."""
-    return TransactionKey(("client", response.top_via.branch or "", response.cseq[1]))
+    return ("client", response.top_via.branch or "", response.cseq[1])
 
 
 T = TypeVar("T")
