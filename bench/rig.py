@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import socket
 import struct
@@ -380,7 +381,9 @@ def relay_status(control_socket: Path) -> dict[str, Any]:
     """The daemon's ``status`` over its control socket (active calls/transactions, upstreams)."""
     from clearip.ctl.cli import Client
 
-    return Client(str(control_socket)).call("status")
+    reply = Client(str(control_socket)).call("status")
+    result = reply.get("result")
+    return result if isinstance(result, dict) else {}
 
 
 def wait_relay_upstream(control_socket: Path, timeout: float) -> None:
@@ -918,6 +921,11 @@ def write_json(path: str | Path, data: Any) -> None:
 
     text = json.dumps(clean(json.loads(json.dumps(data, default=default))), indent=2)
     Path(path).write_text(text + "\n")
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command as the user typed it, for the report."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def workdir_for(prefix: str) -> Path:
