@@ -20,6 +20,7 @@ from typing import Any
 from clearip.relay.config import ProxyConfig
 from clearip.relay.control import ControlServer
 from clearip.relay.emergency import EmergencyNumbers
+from clearip.relay.gcpolicy import run_policy, start_policy
 from clearip.relay.metrics import MetricsServer, registry_for
 from clearip.relay.policy import SourcePolicy
 from clearip.relay.proxy.core import ProxyCore
@@ -91,6 +92,7 @@ class Daemon:
         self.metrics: MetricsServer | None = None
         self.notifier = Notifier()
         self._watchdog: asyncio.Task[None] | None = None
+        self._gc_task: asyncio.Task[None] | None = None
         self.kernel_status: Callable[[], dict[str, Any] | None] = self.policy.kernel_status
         self.core = ProxyCore(
             config,
@@ -353,7 +355,11 @@ class Daemon:
         self._stopping.set()
 
     async def run(self) -> None:
+        """The daemon process: start, then serve until SIGTERM/SIGINT (owns the interpreter, so
+        it also sets the garbage-collector policy, see :mod:`gcpolicy`)."""
         await self.start()
+        start_policy()
+        self._gc_task = asyncio.create_task(run_policy(self.counters))
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.stop)
@@ -366,6 +372,8 @@ class Daemon:
         self.notifier.stopping()
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._gc_task is not None:
+            self._gc_task.cancel()
         if self.metrics is not None:
             await self.metrics.close()
         if self.control is not None:
