@@ -184,11 +184,6 @@ def test_response_with_a_wrong_branch_is_a_counted_stray_never_relayed(tmp_path:
         assert set(settled(proxy)) <= {"client:COMPLETED"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: client transactions match responses on branch + CSeq method only, so a "
-    "response with our branch and another Call-ID is taken as the call's answer (see report)",
-)
 def test_response_with_a_wrong_call_id_is_a_counted_stray_never_relayed(tmp_path: Path) -> None:
     with (
         _forger(call_id="forged@x") as a,

@@ -459,6 +459,10 @@ class ProxyCore:
         entry = self.client_txns.get(key)
         if entry is not None:
             txn, tpeer, call = entry
+            if response.call_id != txn.request.call_id:
+                # Our branch with another Call-ID: forged or broken, never the call's answer.
+                self.counters["stray_response"] += 1
+                return []
             return self._client_actions(key, txn.on_response(response), tpeer, call)
         forwarded = response_next_hop(response, self.locality)
         if forwarded is not None:

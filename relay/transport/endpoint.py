@@ -230,6 +230,7 @@ class SipEndpoint:
         self.connections: dict[int, StreamConnection] = {}
         self._by_address: dict[tuple[str, str, int], StreamConnection] = {}
         self._per_source: Counter[str] = Counter()
+        self._inbound = 0  # inbound connections (what max_connections bounds)
         self._connecting: dict[tuple[str, str, int], asyncio.Task[StreamConnection]] = {}
         self._udp: list[_UdpSocket] = []
         self._servers: list[asyncio.AbstractServer] = []
@@ -370,7 +371,7 @@ class SipEndpoint:
         if self.is_trusted is not None and not self.is_trusted(host):
             self.counters["untrusted_connection_closed"] += 1
             return False
-        if len(self.connections) >= self.max_connections:
+        if self._inbound >= self.max_connections:
             self.counters["connection_limit_closed"] += 1
             log.warning("connection limit %d reached: refusing %s", self.max_connections, conn.peer)
             return False
@@ -381,15 +382,19 @@ class SipEndpoint:
 
     def register(self, conn: StreamConnection) -> None:
         self.connections[conn.id] = conn
-        self._per_source[conn.peer.host] += 1
+        if conn.inbound:  # the limits are on what peers open; our own connections are free
+            self._inbound += 1
+            self._per_source[conn.peer.host] += 1
         self._by_address.setdefault((conn.name, conn.peer.host, conn.peer.port), conn)
 
     def unregister(self, conn: StreamConnection) -> None:
         if self.connections.pop(conn.id, None) is None:
             return
-        self._per_source[conn.peer.host] -= 1
-        if self._per_source[conn.peer.host] <= 0:
-            del self._per_source[conn.peer.host]
+        if conn.inbound:
+            self._inbound -= 1
+            self._per_source[conn.peer.host] -= 1
+            if self._per_source[conn.peer.host] <= 0:
+                del self._per_source[conn.peer.host]
         key = (conn.name, conn.peer.host, conn.peer.port)
         if self._by_address.get(key) is conn:
             del self._by_address[key]
