@@ -20,6 +20,7 @@ from typing import Any
 
 from clearip.relay.config import load_config
 from clearip.relay.emergency import EmergencyNumbers
+from clearip.relay.gcpolicy import start_policy
 from clearip.relay.proxy.core import ProxyCore
 from clearip.relay.proxy.effects import CancelTimer, Send, StartTimer
 from clearip.relay.proxy.routing import Locality
@@ -151,9 +152,11 @@ def main() -> int:
     for n in range(200):  # warm-up
         driver.call(n)
     driver.busy, driver.messages = 0.0, 0
-    gc.collect()
+    start_policy()  # as the daemon runs: survivors frozen every second (here every 500 calls)
     for n in range(200, 200 + calls):
         driver.call(n)
+        if n % 500 == 0:
+            gc.freeze()
     per_call = driver.busy / calls * 1e6
     print(f"{calls} calls, {driver.messages / calls:.1f} messages in per call")
     per_message = driver.busy / driver.messages * 1e6

@@ -9,14 +9,13 @@ raises a :class:`SipParseError` subclass naming the problem; nothing else escape
 from __future__ import annotations
 
 import functools
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from clearip.relay.sip.address import parse_address
 from clearip.relay.sip.errors import IncompleteMessage, LimitExceeded, SipParseError
 from clearip.relay.sip.grammar import (
     PARSE_CACHE_SIZE,
-    TOKEN,
     cseq_re,
     date_re,
     digits_re,
@@ -45,12 +44,10 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
-_ADDRESS_KEYS = frozenset(("from", "to"))
-_header_line_re = re.compile(rf"({TOKEN})[ \t]*:[ \t]*(.*)", re.DOTALL)
-# Header-name spelling -> key; bounded so odd spellings from a peer cannot grow it forever.
-_KEYS: dict[str, str] = {}
-_KEY_CACHE_LIMIT = 1024
-_TRAILING_WS = (" ", "\t")
+# Header-name spelling (as before the colon) -> (name, key); bounded so odd spellings from a
+# peer cannot grow it forever.
+_NAMES: dict[str, tuple[str, str]] = {}
+_NAME_CACHE_LIMIT = 1024
 
 
 def parse_message(
@@ -89,8 +86,7 @@ def parse_message(
 
     headers = message.headers
     content_lengths: list[str] = []
-    keys = _KEYS
-    match_line = _header_line_re.fullmatch
+    names = _NAMES
     for line in lines[1:]:
         if isinstance(line, tuple):
             raw_line, text = line
@@ -98,18 +94,21 @@ def parse_message(
             raw_line = text = line
         if len(raw_line) > limits.max_line_length:
             raise LimitExceeded("header line too long", "line-too-long")
-        m = match_line(text)
-        if m is None:
+        # A token holds no ':', so the first one ends the name (no regex per line).
+        spelled, colon, value = text.partition(":")
+        if not colon:
             raise SipParseError(f"malformed header line {raw_line[:40]!r}", "header")
-        name, value = m.groups()
-        if value[-1:] in _TRAILING_WS:
-            value = value.rstrip(" \t")
-        key = keys.get(name)
-        if key is None:
-            key = name.lower()
-            key = COMPACT_FORMS.get(key, key)
-            if len(keys) < _KEY_CACHE_LIMIT:
-                keys[name] = key
+        known = names.get(spelled)
+        if known is None:
+            bare = spelled.rstrip(" \t")
+            if token_re.fullmatch(bare) is None:
+                raise SipParseError(f"malformed header line {raw_line[:40]!r}", "header")
+            key = bare.lower()
+            known = (bare, COMPACT_FORMS.get(key, key))
+            if len(names) < _NAME_CACHE_LIMIT:
+                names[spelled] = known
+        name, key = known
+        value = value.strip(" \t")
         headers.append((name, key, value, raw_line))
         if key == "content-length":
             content_lengths.append(value)
@@ -174,39 +173,70 @@ def _validate(message: Request | Response) -> None:
     """Check the headers a proxy depends on; each instance of each is checked.
 
     The checks go through the memoised parsers, so a value seen in an earlier message of the
-    call (From, To, Contact, a Via) costs a lookup, not a regular-expression match.
+    call (From, To, Contact, a Via) costs a lookup, not a regular-expression match; headers
+    nobody checks cost one dictionary lookup.
     """
+    checks = _CHECKS
     for _, key, value, _ in message.headers:
-        if key == "via":
-            if "," not in value:
-                via_fields(value)
-            else:
-                for part in split_commas(value):
-                    via_fields(part)
-        elif key in _ADDRESS_KEYS:
-            parse_address(value)
-        elif key == "cseq":
-            _, method = cseq_fields(value)
-            if isinstance(message, Request) and method != message.method:
-                raise SipParseError("CSeq method does not match the request method", "cseq")
-        elif key == "max-forwards":
-            m = digits_re.fullmatch(value)
-            if m is None or int(m.group(1)) > MAX_FORWARDS_LIMIT:
-                raise SipParseError("malformed Max-Forwards", "max-forwards")
-        elif key == "contact":
-            if value == "*":
-                continue
-            if "," not in value:
-                parse_address(value)
-            else:
-                for part in split_commas(value):
-                    parse_address(part)
-        elif key == "call-id":
-            if not value or " " in value or "\t" in value:
-                raise SipParseError("malformed Call-ID", "call-id")
-        elif key == "date":
-            if date_re.fullmatch(value) is None:
-                raise SipParseError("malformed Date (RFC 1123 date in GMT required)", "date")
+        check = checks.get(key)
+        if check is not None:
+            check(message, value)
+
+
+def _check_via(message: Message, value: str) -> None:
+    if "," not in value:
+        via_fields(value)
+    else:
+        for part in split_commas(value):
+            via_fields(part)
+
+
+def _check_address(message: Message, value: str) -> None:
+    parse_address(value)
+
+
+def _check_contact(message: Message, value: str) -> None:
+    if value == "*":
+        return
+    if "," not in value:
+        parse_address(value)
+    else:
+        for part in split_commas(value):
+            parse_address(part)
+
+
+def _check_cseq(message: Message, value: str) -> None:
+    _, method = cseq_fields(value)
+    if isinstance(message, Request) and method != message.method:
+        raise SipParseError("CSeq method does not match the request method", "cseq")
+
+
+def _check_max_forwards(message: Message, value: str) -> None:
+    m = digits_re.fullmatch(value)
+    if m is None or int(m.group(1)) > MAX_FORWARDS_LIMIT:
+        raise SipParseError("malformed Max-Forwards", "max-forwards")
+
+
+def _check_call_id(message: Message, value: str) -> None:
+    if not value or " " in value or "\t" in value:
+        raise SipParseError("malformed Call-ID", "call-id")
+
+
+def _check_date(message: Message, value: str) -> None:
+    if date_re.fullmatch(value) is None:
+        raise SipParseError("malformed Date (RFC 1123 date in GMT required)", "date")
+
+
+_CHECKS: dict[str, Callable[[Message, str], None]] = {
+    "via": _check_via,
+    "from": _check_address,
+    "to": _check_address,
+    "contact": _check_contact,
+    "cseq": _check_cseq,
+    "max-forwards": _check_max_forwards,
+    "call-id": _check_call_id,
+    "date": _check_date,
+}
 
 
 @functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
