@@ -5,7 +5,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup setup-dev lint typecheck unit bench fuzz rpm clean
+.PHONY: demo test setup setup-dev lint typecheck unit bench results fuzz rpm clean
 
 demo: setup
 	$(VENV)/bin/clearip-proxy demo
@@ -37,6 +37,13 @@ fuzz: setup-dev
 
 bench: setup-dev
 	$(PY) -m bench.parse
+
+# Issue 10: the call benchmarks' report (bench/RESULTS.md, bench/results.png; ~15 minutes).
+# REPORT_ARGS, e.g. "--rates 500 --seconds 20 --no-capacity", is passed to bench.report.
+REPORT_ARGS ?=
+results: setup-dev
+	@$(PY) -c "import matplotlib" 2>/dev/null || $(VENV)/bin/pip install -q -e ".[bench]"
+	$(PY) -m bench.report $(REPORT_ARGS)
 
 # RHEL 9 package (issue 9): RPM and source RPM in build/rpm/RPMS and build/rpm/SRPMS.
 # RPM_PYTHON: a Python 3.11 with pip and venv (default: the venv's, else python3.11).
