@@ -150,7 +150,8 @@ class Daemon:
                 if handle is not None:
                     handle.cancel()
             elif isinstance(effect, CallFinished):
-                self._log_call(effect.summary)
+                if self.call_listeners or calls_log.isEnabledFor(logging.INFO):
+                    self._log_call(effect.summary())
 
     def _fire(self, key: tuple[Any, ...]) -> None:
         self._timers.pop(key, None)

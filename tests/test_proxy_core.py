@@ -165,7 +165,7 @@ def test_clearip_final_relayed_unchanged_but_our_via(world: World, code: int) ->
     assert [v.host for v in final.vias()] == ["192.0.2.10"]
     assert final.get("reason") == 'SIP;cause=603;text="Robocall"'
     assert final.get("call-info") == "<https://redress>;purpose=jwt"
-    summary = next(e for e in effects if isinstance(e, CallFinished)).summary
+    summary = next(e for e in effects if isinstance(e, CallFinished)).summary()
     assert summary["clearip_status"] == code and summary["final"] == code
 
 

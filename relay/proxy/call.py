@@ -17,6 +17,7 @@ from enum import Enum
 from typing import Any
 
 from clearip.relay.proxy.redirect import Target
+from clearip.relay.shaken import attestation_of
 from clearip.relay.sip.message import Request, Response
 from clearip.relay.transport.peer import Peer
 from clearip.relay.trust import Role
@@ -58,7 +59,7 @@ class ProxyCall:
     upstream_provisional: bool = False
     clearip_status: int | None = None
     clearip_latency: float | None = None
-    attestation: str | None = None
+    identity: str | None = None  # the Identity header copied from the 302
     copied: tuple[tuple[str, str], ...] = ()
     targets: list[Target] = field(default_factory=list)
     branches: list[Branch] = field(default_factory=list)
@@ -67,6 +68,11 @@ class ProxyCall:
     cancelled: bool = False
     final_status: int | None = None
     note: str = ""
+
+    @property
+    def attestation(self) -> str | None:
+        """The SHAKEN attestation (A/B/C) of the Identity ClearIP gave, decoded on demand."""
+        return attestation_of(self.identity) if self.identity else None
 
     def summary(self, now: float) -> dict[str, Any]:
         req = self.request

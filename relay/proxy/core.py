@@ -26,6 +26,7 @@ Promise: every INVITE from a trusted source gets a final response — relayed, o
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections import Counter
@@ -60,7 +61,6 @@ from clearip.relay.proxy.routing import (
     stateless_branch,
     via_value,
 )
-from clearip.relay.shaken import attestation_of
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.parser import content_length_conflict
@@ -96,6 +96,7 @@ log = logging.getLogger("clearip.proxy")
 TIMER_C = 181.0
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, PRACK, INFO, NOTIFY, REFER, MESSAGE"
 Transaction = ClientInviteTransaction | ClientNonInviteTransaction
+_AWAITING_FINAL = frozenset(("CALLING", "PROCEEDING", "TRYING"))
 
 
 class ProxyCore:
@@ -180,7 +181,7 @@ class ProxyCore:
             # A client transaction of a finished call that never got a final (a destination
             # that rang and then ignored our CANCEL): forget it.
             entry = self.client_txns.get(key[1])
-            if entry is not None and entry[0].state.name in ("CALLING", "PROCEEDING", "TRYING"):
+            if entry is not None and entry[0].state.name in _AWAITING_FINAL:
                 self.client_txns.pop(key[1], None)
                 self.counters["transaction_reaped"] += 1
         return []
@@ -502,7 +503,7 @@ class ProxyCore:
                 call.copied = redirect.copied
                 for name, value in redirect.copied:
                     if name.lower() == "identity":
-                        call.attestation = attestation_of(value)
+                        call.identity = value  # decoded for the call's log line only
                 call.phase = Phase.ROUTING
                 return effects + self._try_next(call)
             call.note = "302 without usable Contacts"
@@ -692,9 +693,13 @@ class ProxyCore:
             effects.append(CancelTimer(("call", call.id, "provider", index)))
             effects.append(CancelTimer(("call", call.id, "timer-c", index)))
         effects.append(CancelTimer(("call", call.id, "cancel-guard")))
+        # A client transaction still waiting for its final may never get one (a destination
+        # that rang and ignores our CANCEL): forget it later. The others end by their own
+        # timers (D, M), so they need no second one.
         reap_after = 64 * self.config.timers.t1 + 1.0
         for key in [call.upstream_key, *(b.txn_key for b in call.branches)]:
-            if key is not None and key in self.client_txns:
+            entry = self.client_txns.get(key) if key is not None else None
+            if entry is not None and entry[0].state.name in _AWAITING_FINAL:
                 effects.append(StartTimer(("reap", key), reap_after))
         # Abandon whatever else is still ringing: CANCEL it.
         for branch in call.branches:
@@ -702,7 +707,7 @@ class ProxyCore:
                 if 200 <= response.status < 300:
                     effects += self._cancel_branch(call, branch)
         effects += self._respond(call, response) if own else self._forward_response(call, response)
-        effects.append(CallFinished(call.summary(self.clock())))
+        effects.append(CallFinished(functools.partial(call.summary, self.clock())))
         self.counters[f"call:{call.role.value}:{response.status}"] += 1
         self._forget(call)
         return effects

@@ -6,7 +6,8 @@ hashable; re-starting a key replaces the running timer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from clearip.relay.sip.message import Message
@@ -32,9 +33,10 @@ class CancelTimer:
 
 @dataclass(frozen=True, slots=True)
 class CallFinished:
-    """One summary line per call, written by the shell's logger."""
+    """One summary line per call, written by the shell's logger. ``summary()`` builds it (the
+    shell calls it only when someone reads it: a logger at INFO or a listener)."""
 
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: Callable[[], dict[str, Any]]
 
 
 Effect = Send | StartTimer | CancelTimer | CallFinished
