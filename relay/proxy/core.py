@@ -97,6 +97,7 @@ TIMER_C = 181.0
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, PRACK, INFO, NOTIFY, REFER, MESSAGE"
 Transaction = ClientInviteTransaction | ClientNonInviteTransaction
 _AWAITING_FINAL = frozenset(("CALLING", "PROCEEDING", "TRYING"))
+_COUNTED = frozenset(("via", "from", "to", "call-id", "cseq", "content-length"))
 
 
 class ProxyCore:
@@ -216,17 +217,22 @@ class ProxyCore:
             return self._on_ack(request, peer)
         if method == "CANCEL":
             return self._on_cancel(request, peer)
-        missing = [h for h in ("via", "from", "to", "call-id", "cseq") if not request.has(h)]
+        seen: dict[str, int] = {}  # one pass over the headers for the checks below
+        for header in request.headers:
+            key = header[1]
+            if key in _COUNTED:
+                seen[key] = seen.get(key, 0) + 1
+        missing = [h for h in ("via", "from", "to", "call-id", "cseq") if h not in seen]
         if missing:
             self.counters["bad_request"] += 1
             return self._reply_stateless(
                 request, peer, 400, f"Missing {', '.join(missing).title()}"
             )
         for key in ("from", "to", "call-id", "cseq"):
-            if request.count(key) > 1:
+            if seen[key] > 1:
                 self.counters["bad_request"] += 1
                 return self._reply_stateless(request, peer, 400, f"Multiple {key.title()} values")
-        if content_length_conflict(request):
+        if seen.get("content-length", 0) > 1 and content_length_conflict(request):
             self.counters["bad_request"] += 1
             return self._reply_stateless(request, peer, 400, "Conflicting Content-Length")
         if request.to_tag:
@@ -525,8 +531,11 @@ class ProxyCore:
             return effects
         if status < 200:
             branch.provisional = True
+            if status == 100:
+                return effects
+            # §16.7 step 2: a provisional response from 101 to 199 resets Timer C.
             effects.append(StartTimer(("call", call.id, "timer-c", index), TIMER_C))
-            if status == 100 or call.phase is Phase.DONE:
+            if call.phase is Phase.DONE:
                 return effects
             call.early_sent = True
             return effects + self._forward_response(call, response)
