@@ -84,6 +84,10 @@ class ProxyConfig:
     options_when_upstream_down: int = 503
     max_contacts: int = 10
     max_transactions: int = 100000
+    max_connections: int = 4096
+    max_connections_per_source: int = 64
+    max_message_size: int = 65536
+    overload_queue_delay: float = 0.05
     invite_rate_per_source: float = 1000.0
     outbound: UpstreamConfig = field(default_factory=UpstreamConfig)
     inbound: UpstreamConfig = field(default_factory=UpstreamConfig)
@@ -238,6 +242,14 @@ def config_from_data(data: dict[str, Any]) -> ProxyConfig:
             f"proxy.invite_rate_per_source = {rate} is invalid: "
             "use INVITEs per second (0 = no limit)"
         )
+    overload_delay = float(
+        p.get("overload_queue_delay", float, 0.05, "use seconds, e.g. 0.05 (0 = never shed)")
+    )
+    if overload_delay < 0:
+        raise ConfigError(
+            f"proxy.overload_queue_delay = {overload_delay} is invalid: "
+            "use seconds, e.g. 0.05 (0 = never shed)"
+        )
     options_down = p.get("options_when_upstream_down", int, 503, "use 200 or 503")
     if options_down not in (200, 503):
         raise ConfigError(f"proxy.options_when_upstream_down = {options_down}: use 200 or 503")
@@ -252,6 +264,12 @@ def config_from_data(data: dict[str, Any]) -> ProxyConfig:
         options_when_upstream_down=options_down,
         max_contacts=int(p.positive("max_contacts", 10, "use a whole number > 0")),
         max_transactions=int(p.positive("max_transactions", 100000, "use a whole number > 0")),
+        max_connections=int(p.positive("max_connections", 4096, "use a whole number > 0")),
+        max_connections_per_source=int(
+            p.positive("max_connections_per_source", 64, "use a whole number > 0")
+        ),
+        max_message_size=int(p.positive("max_message_size", 65536, "use a number of bytes > 0")),
+        overload_queue_delay=overload_delay,
         invite_rate_per_source=rate,
     )
     p.finish()

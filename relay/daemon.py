@@ -28,6 +28,7 @@ from clearip.relay.proxy.effects import CallFinished, CancelTimer, Effect, Send,
 from clearip.relay.proxy.routing import Locality
 from clearip.relay.sdnotify import Notifier, watchdog, watchdog_interval
 from clearip.relay.sip.message import Message, Request, Response
+from clearip.relay.sip.parser import Limits
 from clearip.relay.trace import Subscriber
 from clearip.relay.trace import record as trace_record
 from clearip.relay.transport.endpoint import SipEndpoint
@@ -68,6 +69,9 @@ class Daemon:
             is_trusted=self._is_trusted,
             on_send_error=self._on_send_error,
             on_connection_lost=self._on_connection_lost,
+            limits=Limits(max_message_size=config.max_message_size),
+            max_connections=config.max_connections,
+            max_connections_per_source=config.max_connections_per_source,
             tls_client=client_context(
                 config.outbound.ca_file or None, verify=config.outbound.verify
             )
@@ -103,6 +107,7 @@ class Daemon:
             upstream=self._upstream_peer,
             clock=time.monotonic,
             counters=self.counters,
+            queue_delay=lambda: self.endpoint.queue_delay,
         )
 
     # -- wiring --------------------------------------------------------------------------------

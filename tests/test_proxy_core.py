@@ -325,3 +325,19 @@ def test_too_many_pending_calls_get_503_except_emergencies(world: World) -> None
     assert statuses(world.send(invite(branch="z9hG4bKm3"))) == [503]
     assert statuses(world.send(invite("933", branch="z9hG4bKm4"))) == [100, 503]
     assert world.core.counters["overload_rejected"] == 1
+
+
+def test_backlog_sheds_new_invites_with_503_but_never_emergencies(world: World) -> None:
+    delay = [0.0]
+    world.core.queue_delay = lambda: delay[0]
+    assert statuses(world.send(invite(branch="z9hG4bKq1")))[0] == 100
+    delay[0] = 0.2  # what we read now waited 200 ms in the socket queue (default limit 50 ms)
+    shed = world.send(invite(branch="z9hG4bKq2"))
+    reply = next(m for m, _ in sent(shed))
+    assert isinstance(reply, Response)
+    assert (reply.status, reply.reason, reply.get("retry-after")) == (503, "Overloaded", "1")
+    assert world.core.active_calls == 1  # no state for the shed call
+    assert statuses(world.send(invite("911", branch="z9hG4bKq3"))) == [100, 503]  # bypass
+    world.core.config = ProxyConfig(overload_queue_delay=0)  # 0: never shed
+    assert statuses(world.send(invite(branch="z9hG4bKq4")))[0] == 100
+    assert world.core.counters["overload_shed"] == 1

@@ -1,12 +1,11 @@
 """Resource limits of the real relay, each reached on purpose: answered cleanly and counted.
 
-- TCP connections per source (``max_connections_per_source``, 64) and in total
-  (``max_connections``, 4096): the connection over the limit is closed at once, the others
-  keep working. Neither is a config key (they are ``SipEndpoint`` arguments the daemon leaves at
-  their defaults), so the total is lowered on the running endpoint to reach it with few sockets.
+- Inbound TCP connections per source and in total (``[proxy] max_connections_per_source``,
+  default 64, and ``max_connections``, 4096; lowered here to reach them with few sockets): the
+  connection over the limit is closed at once, the others keep working.
 - Pending transactions (``[proxy] max_transactions``): the INVITE over it gets
   ``503 Overloaded`` with ``Retry-After`` at once; an emergency call is still served.
-- Message size (64 KiB, ``Limits.max_message_size``): over TCP the connection is closed; a UDP
+- Message size (``[proxy] max_message_size``, 64 KiB): over TCP the connection is closed; a UDP
   datagram cannot exceed it over IPv4 (65,507 bytes of payload at most), so over UDP the
   limit met is the header line length (8 KiB), answered 400.
 """
@@ -125,30 +124,24 @@ def _connect(port: int, host: str = SWITCH_IP) -> socket.socket:
 
 
 def test_connections_per_source_and_in_total(tmp_path: Path) -> None:
-    with relay(tmp_path) as (port, proxy), contextlib.ExitStack() as stack:
-        per_source = proxy.call(lambda d: d.endpoint.max_connections_per_source)
-        assert per_source == 64
-        # From 127.0.0.3: 127.0.0.1 is also ClearIP's address here, and the relay's own
-        # connection to it counts against that address (see the module docstring).
-        conns = [stack.enter_context(_connect(port, PROVIDER_B_IP)) for _ in range(per_source)]
-        wait_for(lambda: _inbound(proxy) == per_source, 5, "64 connections")
+    limits = "max_connections = 12\nmax_connections_per_source = 8\n"
+    with relay(tmp_path, limits) as (port, proxy), contextlib.ExitStack() as stack:
+        assert proxy.call(lambda d: d.endpoint.max_connections_per_source) == 8
+        conns = [stack.enter_context(_connect(port, PROVIDER_B_IP)) for _ in range(8)]
+        wait_for(lambda: _inbound(proxy) == 8, 5, "8 connections")
         over = stack.enter_context(_connect(port, PROVIDER_B_IP))
-        assert _is_closed(over), "connection 65 from one source was kept"
+        assert _is_closed(over), "connection 9 from one source was kept"
         assert proxy.counters()["connection_per_source_limit_closed"] == 1
-        # The ones within the limit still work, and another source is not affected.
+        # The ones within the limit still work, and another source is not affected (nor by
+        # the relay's own connection to ClearIP on 127.0.0.1, which no limit counts).
         conns[-1].sendall(_options(conns[-1]))
         assert conns[-1].recv(4000).startswith(b"SIP/2.0 200")
         other = stack.enter_context(_connect(port, SWITCH_IP))
         other.sendall(_options(other))
         assert other.recv(4000).startswith(b"SIP/2.0 200")
-        for conn in conns:
-            conn.close()
-        wait_for(lambda: _inbound(proxy) == 1, 5, "the closed ones to go")
-        # The total of inbound connections (our own to ClearIP does not count): lowered on the
-        # running endpoint, as no config key exists for it. 1 from the switch + 4 more = 5.
-        proxy.call(lambda d: setattr(d.endpoint, "max_connections", 5))
-        more = [stack.enter_context(_connect(port, PROVIDER_B_IP)) for _ in range(4)]
-        wait_for(lambda: proxy.call(lambda d: len(d.endpoint.connections)) == 6, 5)
+        # The total of inbound connections: 8 + 1 from the switch + 3 more = 12.
+        more = [stack.enter_context(_connect(port, PROVIDER_A_IP)) for _ in range(3)]
+        wait_for(lambda: _inbound(proxy) == 12, 5, "12 connections")
         refused = stack.enter_context(_connect(port, PROVIDER_A_IP))
         assert _is_closed(refused), "connection over the total limit was kept"
         assert proxy.counters()["connection_limit_closed"] == 1

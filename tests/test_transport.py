@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import time
 from pathlib import Path
 
 import trustme
@@ -208,6 +209,26 @@ def test_ipv6_udp_and_tcp_round_trip() -> None:
         assert all(p.host == "::1" for _, p in rx.messages)
         assert server.local_for("udp", "::1").host == "::1"
         await client.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_udp_queue_delay_is_how_long_the_oldest_datagram_waited() -> None:
+    """The overload signal: kernel arrival time of the first datagram of a batch vs now."""
+
+    async def main() -> None:
+        rx = Recorder()
+        server = SipEndpoint(rx)
+        _, port = await server.listen(ListenerSpec("udp", "127.0.0.1", 0))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.sendto(options("UDP", 1), ("127.0.0.1", port))
+            await rx.wait_for(1)
+            assert server.queue_delay < 0.1
+            sender.sendto(options("UDP", 2), ("127.0.0.1", port))
+            time.sleep(0.3)  # the event loop is busy: the datagram waits in the kernel
+            await rx.wait_for(2)
+            assert 0.3 <= server.queue_delay < 2.0
         await server.close()
 
     asyncio.run(main())

@@ -114,6 +114,7 @@ class ProxyCore:
         upstream: Callable[[Role], Peer | None],
         clock: Callable[[], float],
         counters: Counter[str] | None = None,
+        queue_delay: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.config = config
         self.role_of = role_of
@@ -122,6 +123,7 @@ class ProxyCore:
         self.local_for = local_for
         self.upstream = upstream
         self.clock = clock
+        self.queue_delay = queue_delay  # how long what we read now waited to be read
         self.counters: Counter[str] = counters if counters is not None else Counter()
         self.calls: dict[int, ProxyCall] = {}
         self.by_server_key: dict[object, ProxyCall] = {}
@@ -331,6 +333,14 @@ class ProxyCore:
         if not emergency:
             # Protection comes before any state: an overloaded proxy or a flooding source
             # gets a clear 503 with Retry-After, never emergency calls.
+            shed_after = self.config.overload_queue_delay
+            if shed_after and self.queue_delay() > shed_after:
+                # Behind on reading: a quick 503 lets the switch route this call directly
+                # instead of every call timing out in our queue (no congestion collapse).
+                self.counters["overload_shed"] += 1
+                return self._reply_stateless(
+                    request, peer, 503, "Overloaded", extra=[("Retry-After", "1")]
+                )
             if len(self.server_txns) >= self.config.max_transactions:
                 self.counters["overload_rejected"] += 1
                 return self._reply_stateless(

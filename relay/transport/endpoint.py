@@ -25,6 +25,7 @@ import itertools
 import logging
 import socket
 import ssl
+import struct
 import sys
 import time
 from collections import Counter
@@ -49,7 +50,9 @@ DSCP_EF = 46
 _IP_RECVTOS = getattr(socket, "IP_RECVTOS", 13)
 _IPV6_RECVTCLASS = getattr(socket, "IPV6_RECVTCLASS", 66)
 _IPV6_TCLASS = getattr(socket, "IPV6_TCLASS", 67)
-_CMSG_SPACE = socket.CMSG_SPACE(4) * 2
+# SO_TIMESTAMPNS (the "old" option, struct timespec): the kernel's arrival time of a datagram.
+_SO_TIMESTAMPNS = 35
+_CMSG_SPACE = socket.CMSG_SPACE(4) * 2 + socket.CMSG_SPACE(16)
 _UDP_BATCH = 64
 
 
@@ -85,6 +88,15 @@ def _dscp(ancdata: list[tuple[int, int, bytes]]) -> int:
     return 0
 
 
+def _queue_delay(ancdata: list[tuple[int, int, bytes]]) -> float:
+    """Seconds a datagram waited in the socket queue, from its kernel timestamp (0 if none)."""
+    for level, kind, value in ancdata:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(value) >= 16:
+            seconds, nanoseconds = struct.unpack_from("@qq", value)
+            return max(0.0, time.time() - float(seconds) - float(nanoseconds) * 1e-9)
+    return 0.0
+
+
 class _UdpSocket:
     """One bound UDP socket, read in batches with the TOS byte of each datagram."""
 
@@ -97,7 +109,7 @@ class _UdpSocket:
     def on_readable(self) -> None:
         batch: list[tuple[bytes, Peer, bool]] = []
         sock = self.sock
-        for _ in range(_UDP_BATCH):
+        for index in range(_UDP_BATCH):
             try:
                 data, ancdata, _flags, address = sock.recvmsg(65535, _CMSG_SPACE)
             except (BlockingIOError, InterruptedError):
@@ -106,6 +118,8 @@ class _UdpSocket:
                 self.endpoint.counters["udp_recv_error"] += 1
                 log.debug("UDP receive error: %s", exc)
                 break
+            if index == 0:  # the oldest datagram waiting: how far behind we are
+                self.endpoint.queue_delay = _queue_delay(ancdata)
             marked = bool(ancdata) and _dscp(ancdata) == DSCP_EF
             batch.append((data, Peer("udp", address[0], address[1]), marked))
         if any(marked for _, _, marked in batch):
@@ -240,6 +254,9 @@ class SipEndpoint:
         self._tasks: set[asyncio.Future[None]] = set()
         # Tracing costs one attribute check per message when nobody traces.
         self.tracer: Tracer | None = None
+        # How long the oldest datagram of the latest UDP batch waited in the kernel's queue:
+        # the proxy's backlog, which the core uses to shed new INVITEs under overload.
+        self.queue_delay = 0.0
 
     # -- listeners ----------------------------------------------------------------------------
     async def listen(self, spec: ListenerSpec) -> tuple[str, int]:
@@ -254,6 +271,8 @@ class SipEndpoint:
                 sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVTCLASS, 1)
             else:
                 sock.setsockopt(socket.IPPROTO_IP, _IP_RECVTOS, 1)
+            with contextlib.suppress(OSError):  # arrival times: the overload signal
+                sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
             try:
