@@ -43,13 +43,12 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from clearip.relay.trust import Role, TrustEntry, parse_cidr, save_trust_file
 from tests.netns import loopback_namespace, ns_exec
-from tests.proxy_harness import PROVIDER_A_IP, PROVIDER_B_IP, SWITCH_IP
+from tests.proxy_harness import PROVIDER_A_IP, PROVIDER_B_IP, SWITCH_IP, proxy_process
 from tests.reliability import (
     Outcomes,
     any_final_uac,
@@ -136,33 +135,6 @@ def relay_config(directory: Path, upstream_port: int) -> Path:
         '[xdp]\nenabled = false\n[metrics]\nenabled = false\n[log]\nlevel = "info"\n'
     )
     return path
-
-
-@contextlib.contextmanager
-def relay_process(config: Path, log: Path, prefix: list[str]) -> Iterator[subprocess.Popen[bytes]]:
-    """The daemon as its own process, ready when it says so; stopped with SIGTERM."""
-    out = log.open("ab")
-    process = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "clearip.relay.cli", "run", "--config", str(config)],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while b"clearip-proxy ready" not in log.read_bytes():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"relay did not start:\n{log.read_text()}")
-            time.sleep(0.05)
-        yield process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        out.close()
 
 
 def relay_counters(directory: Path) -> dict[str, int]:
@@ -270,7 +242,7 @@ def run(
                 carriers.append(carrier)
                 stack.callback(carrier.stop)
             stack.enter_context(
-                relay_process(relay_config(workdir, ports["tcp"]), workdir / "relay.log", inside)
+                proxy_process(relay_config(workdir, ports["tcp"]), workdir / "relay.log", inside)
             )
             time.sleep(0.5)
             switch = start_sipp(

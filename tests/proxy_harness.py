@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -160,11 +160,14 @@ def threaded_proxy(config_path: Path) -> Iterator[ThreadedProxy]:
 
 
 @contextlib.contextmanager
-def proxy_process(config_path: Path, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """The daemon as its own process (``clearip-proxy run``), ready when it says so."""
+def proxy_process(
+    config_path: Path, log_path: Path, prefix: Sequence[str] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The daemon as its own process (``clearip-proxy run``), ready when it says so;
+    ``prefix`` runs it through another command (``ip netns exec NS``)."""
     log = log_path.open("ab")
     process = subprocess.Popen(
-        [sys.executable, "-m", "clearip.relay.cli", "run", "--config", str(config_path)],
+        [*prefix, sys.executable, "-m", "clearip.relay.cli", "run", "--config", str(config_path)],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
