@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,3 +215,66 @@ def test_oversized_message_closes_tcp_and_overlong_line_gets_400_over_udp(tmp_pa
         with _connect(port) as conn:
             conn.sendall(_options(conn))
             assert conn.recv(4000).startswith(b"SIP/2.0 200")
+
+
+@contextlib.contextmanager
+def _deaf_server() -> Iterator[int]:
+    """A TCP 'ClearIP' that accepts connections and never reads: its window closes."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError, OSError):
+                held.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(2)
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def test_clearip_that_stops_reading_is_given_up_and_nothing_else_waits(tmp_path: Path) -> None:
+    with _deaf_server() as deaf:
+        port = free_port()
+        config = write_config(tmp_path, port=port, upstream=f"sip:127.0.0.1:{deaf};transport=tcp")
+        with threaded_proxy(config) as proxy:
+            proxy.call(lambda d: setattr(d.endpoint, "max_write_buffer", 64 * 1024))
+            sock = _udp()
+            pad = "".join(f"X-Pad-{n}: {'x' * 8000}\r\n" for n in range(7))  # ~56 KB each
+            call_ids = set()
+            for _ in range(120):  # far more than the kernel's socket buffers hold
+                invite = _invite("12125550100", sock, pad=pad)
+                call_ids.add(parse_message(invite).call_id)
+                sock.sendto(invite, ("127.0.0.1", port))
+                time.sleep(0.005)
+            wait_for(lambda: proxy.counters().get("stream_write_stalled", 0), 10, "the stall")
+            # The event loop is not held up by the blocked connection: OPTIONS answered at once.
+            probe = _udp()
+            started = time.monotonic()
+            probe.sendto(_options(probe).replace(b"/TCP", b"/UDP"), ("127.0.0.1", port))
+            assert _final(probe, 2.0).status in (200, 503)
+            assert time.monotonic() - started < 0.5
+            probe.close()
+            # Every INVITE got a final (fail-open 503), none waits on the deaf connection.
+            finals: dict[str, int] = {}
+            sock.settimeout(5.0)
+            deadline = time.monotonic() + 10
+            while set(finals) != call_ids and time.monotonic() < deadline:
+                message = parse_message(sock.recv(65535))
+                if isinstance(message, Response) and message.status >= 200:
+                    finals[message.call_id] = message.status
+            sock.close()
+            assert set(finals) == call_ids
+            assert set(finals.values()) == {503}

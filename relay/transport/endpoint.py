@@ -194,6 +194,15 @@ class StreamConnection(asyncio.Protocol):
         if self.transport is None or self.closed or self.transport.is_closing():
             return False
         self.last_activity = time.monotonic()
+        if self.transport.get_write_buffer_size() > self.endpoint.max_write_buffer:
+            # The peer stopped reading (TCP window closed): rather than queue without bound,
+            # give the connection up; its transactions fail (ClearIP: fail-open) and a new
+            # connection is opened for what comes next.
+            self.endpoint.counters["stream_write_stalled"] += 1
+            log.warning("%s stopped reading (%d bytes queued): closing", self.peer,
+                        self.transport.get_write_buffer_size())  # fmt: skip
+            self.close()
+            return False
         self.transport.write(data)
         return True
 
@@ -238,6 +247,8 @@ class SipEndpoint:
         self.on_connection_lost = on_connection_lost
         self.max_connections = max_connections
         self.max_connections_per_source = max_connections_per_source
+        # Bytes queued for a stream peer that does not read before the connection is given up.
+        self.max_write_buffer = 1024 * 1024
         self.message_deadline = message_deadline
         self.idle_timeout = idle_timeout
         self.conn_ids = itertools.count(1)
