@@ -154,6 +154,10 @@ def render(
     return "\n".join(out)
 
 
+#: Everything from this line on in RESULTS.md is written by hand and kept when regenerating.
+KEPT = "<!-- kept by bench.report: written by hand below this line -->"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.report", description="Write bench/RESULTS.md and bench/results.png."
@@ -209,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         label=args.label,
         chart_name=chart_path.name if drew else None,
     )
-    Path(args.out).write_text(text)
+    out_path = Path(args.out)
+    if out_path.exists() and KEPT in (old := out_path.read_text()):
+        text += "\n" + old[old.index(KEPT) :]  # hand-written analysis below the marker stays
+    out_path.write_text(text)
     print(f"\nwrote {args.out}" + (f" and {chart_path}" if drew else ""))
     return 0
 
