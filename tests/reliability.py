@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 from clearip.relay.daemon import Daemon
 from clearip.relay.sip.message import Request
 from clearip.relay.sip.parser import parse_message
-from tests.proxy_harness import ThreadedProxy
+from tests.proxy_harness import ThreadedProxy, stop_process
 from tests.sipp import _INVITE, SDP, Sipp
 
 UdpBehaviour = Callable[[socket.socket, bytes, tuple[str, int], "UdpPeer"], None]
@@ -157,13 +156,7 @@ def emulator(
         time.sleep(0.05)  # the ready file is written in one go, but be safe with a reader
         yield {k: int(v[0]) for k, v in json.loads(ready.read_text()).items()}
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process)
         log.close()
 
 
