@@ -341,3 +341,15 @@ def test_backlog_sheds_new_invites_with_503_but_never_emergencies(world: World) 
     world.core.config = ProxyConfig(overload_queue_delay=0)  # 0: never shed
     assert statuses(world.send(invite(branch="z9hG4bKq4")))[0] == 100
     assert world.core.counters["overload_shed"] == 1
+
+
+def test_request_missing_from_to_and_call_id_still_gets_its_400(world: World) -> None:
+    """RFC 4475 §3.3.1 (TC_INSUF_I): the reply is built from what the request has."""
+    request = parse_message(
+        b"INVITE sip:user@203.0.113.5 SIP/2.0\r\nCSeq: 193942 INVITE\r\n"
+        b"Via: SIP/2.0/UDP 192.0.2.10;branch=z9hG4bKkdj.insuf\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert isinstance(request, Request)
+    reply = next(m for m, _ in sent(world.send(request)))
+    assert isinstance(reply, Response)
+    assert (reply.status, reply.reason) == (400, "Missing From, To, Call-Id")

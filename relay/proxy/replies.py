@@ -11,8 +11,9 @@ _COPIED = frozenset(("via", "from", "call-id", "cseq"))
 
 
 def local_to_tag(request: Request) -> str:
-    """A To tag that is the same for retransmissions of the same request."""
-    text = f"{request.call_id}|{request.from_tag}|{request.cseq[0]}"
+    """A To tag that is the same for retransmissions of the same request. Made from the raw
+    values, so that a request missing From or CSeq can still be answered (400)."""
+    text = f"{request.call_id}|{request.get('from') or ''}|{request.get('cseq') or ''}"
     seed = text.encode("utf-8", "surrogateescape")
     return "cl" + hashlib.blake2s(seed, digest_size=6).hexdigest()
 
