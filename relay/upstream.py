@@ -26,6 +26,7 @@ log = logging.getLogger("clearip.upstream")
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 CONNECT_TIMEOUT = 3.0
+STABLE_AFTER = 1.0  # seconds up after which a lost link is retried without waiting
 
 
 class UpstreamLink:
@@ -89,6 +90,7 @@ class UpstreamLink:
 
     async def _run(self) -> None:
         backoff = BACKOFF_START
+        retry_now = False
         while True:
             self.addresses = await self._resolve()
             for address in self.addresses:
@@ -105,11 +107,19 @@ class UpstreamLink:
                     continue
                 self._connected(connected)
                 backoff = BACKOFF_START
+                up_since = time.monotonic()
                 await self._lost.wait()
+                # A link that had been up a while (ClearIP restarted, a reset): reconnect at
+                # once, since every call arriving meanwhile fails open. One that drops right
+                # after connecting goes through the backoff, so it cannot spin.
+                retry_now = time.monotonic() - up_since >= STABLE_AFTER
                 break
             self.attempted.set()
             if self.peer is None:
                 self.state = "down"
+                if retry_now:
+                    retry_now = False
+                    continue
                 await asyncio.sleep(backoff)
                 backoff = min(BACKOFF_MAX, backoff * 2)
 

@@ -137,6 +137,24 @@ def test_connection_reset_mid_transaction_fails_open_at_once_and_reconnects(tmp_
         assert counters["call:switch:503"] == 1
 
 
+def test_a_link_that_was_up_reconnects_at_once_after_a_reset(tmp_path: Path) -> None:
+    """Calls arriving while the link is down fail open: a stable link is retried without the
+    reconnect backoff (0.5 s at first), so few calls bypass ClearIP after a reset."""
+
+    def reset(conn: socket.socket, data: bytes, fake: FakeClearIP) -> None:
+        if data.startswith(b"INVITE"):
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    with FakeClearIP(reset) as fake, proxy_with(tmp_path, fake) as (port, proxy):
+        time.sleep(1.2)  # the link has been up for more than a second
+        _switch(tmp_path, port, 503)
+        started = time.monotonic()
+        wait_for(lambda: fake.connections >= 2, 5, "the proxy to reconnect")
+        assert time.monotonic() - started < 0.3
+        assert proxy.counters()["call:switch:503"] == 1
+
+
 def test_garbage_from_clearip_fails_open(tmp_path: Path) -> None:
     def garbage(conn: socket.socket, data: bytes, fake: FakeClearIP) -> None:
         if data.startswith(b"INVITE"):
