@@ -85,9 +85,6 @@ class Message:
                 out.extend(split_commas(value))
         return out
 
-    def count(self, key: str) -> int:
-        return sum(1 for header in self.headers if header[1] == key)
-
     def has(self, key: str) -> bool:
         for header in self.headers:  # noqa: SIM110 (a loop; any() with a generator is slower)
             if header[1] == key:
