@@ -85,7 +85,7 @@ class Driver:
             role_of=lambda host: Role.SWITCH,
             emergency=lambda: EmergencyNumbers(("911", "933")),
             locality=Locality({"127.0.0.1"}, {5060}),
-            local_for=lambda transport, host: local,
+            local_for=lambda peer, record_route=False: local,
             upstream=lambda role: CLEARIP,
             clock=lambda: self.now,
         )

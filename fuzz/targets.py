@@ -56,7 +56,9 @@ def _core() -> ProxyCore:
         role_of=lambda ip: Role.SWITCH,
         emergency=EmergencyNumbers,
         locality=Locality(hosts={"203.0.113.5"}, ports={5060}),
-        local_for=lambda transport, host: LocalAddress(transport, "203.0.113.5", 5060),
+        local_for=lambda peer, record_route=False: LocalAddress(
+            peer.transport, "203.0.113.5", 5060
+        ),
         upstream=lambda role: UPSTREAM,
         clock=lambda: 0.0,
         counters=Counter(),

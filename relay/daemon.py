@@ -116,8 +116,10 @@ class Daemon:
             return True
         return any(link.peer is not None and link.peer.host == host for link in self.links.values())
 
-    def _local_for(self, transport: str, remote: str | None) -> LocalAddress:
-        return self.endpoint.local_for(transport, remote)
+    def _local_for(self, peer: Peer, *, record_route: bool = False) -> LocalAddress:
+        return self.endpoint.local_for(
+            peer.transport, peer.host, peer.conn, record_route=record_route
+        )
 
     def _upstream_peer(self, role: Role) -> Peer | None:
         return self.links[role].peer

@@ -44,7 +44,9 @@ def world() -> Iterator[World]:
         role_of=lambda ip: Role.SWITCH if ip.startswith("192.0.2.") else Role.PROVIDER,
         emergency=lambda: EmergencyNumbers(["911", "933"]),
         locality=Locality(hosts={"203.0.113.5"}, ports={5060}),
-        local_for=lambda transport, host: LocalAddress(transport, "203.0.113.5", 5060),
+        local_for=lambda peer, record_route=False: LocalAddress(
+            peer.transport, "203.0.113.5", 5060
+        ),
         upstream=upstream,
         clock=lambda: w.now[0],
     )

@@ -44,25 +44,50 @@ class Recorder:
         await asyncio.wait_for(_wait(), timeout)
 
 
-def test_udp_round_trip_and_response_by_via() -> None:
+def test_udp_response_goes_to_the_via_not_the_source_port() -> None:
+    """A switch that sends from an ephemeral port and listens on another (its Via's sent-by,
+    no rport) is answered where it listens (RFC 3261 §18.2.2); with rport, to the source port
+    (RFC 3581)."""
+
     async def main() -> None:
         server_rx, client_rx = Recorder(), Recorder()
         server = SipEndpoint(server_rx)
         client = SipEndpoint(client_rx)
         _, sport = await server.listen(ListenerSpec("udp", "127.0.0.1", 0))
         _, cport = await client.listen(ListenerSpec("udp", "127.0.0.1", 0))
-        request = parse_message(options("UDP", 1))
-        client.send(request, Peer("udp", "127.0.0.1", sport))
-        await server_rx.wait_for(1)
-        got, peer = server_rx.messages[0]
-        assert isinstance(got, Request)
-        assert peer == Peer("udp", "127.0.0.1", cport)
-        reply = Response(200, "OK", [h for h in got.headers if h[1] != "max-forwards"])
-        server.send(reply, response_peer(got, peer))
-        await client_rx.wait_for(1)
-        assert isinstance(client_rx.messages[0][0], Response)
-        await client.close()
-        await server.close()
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sender.bind(("127.0.0.1", 0))
+        sender.setblocking(False)
+        try:
+            # No rport: the response goes to the Via's port, not the sender's.
+            data = options("UDP", 1).replace(b"127.0.0.1:9;", f"127.0.0.1:{cport};".encode())
+            sender.sendto(data, ("127.0.0.1", sport))
+            await server_rx.wait_for(1)
+            got, peer = server_rx.messages[0]
+            assert isinstance(got, Request)
+            assert peer == Peer("udp", "127.0.0.1", sender.getsockname()[1])
+            assert response_peer(got, peer) == Peer("udp", "127.0.0.1", cport)
+            reply = Response(200, "OK", [h for h in got.headers if h[1] != "max-forwards"])
+            server.send(reply, response_peer(got, peer))
+            await client_rx.wait_for(1)
+            assert isinstance(client_rx.messages[0][0], Response)
+            # rport asked for: the response goes back to the source port.
+            data = options("UDP", 2).replace(b"127.0.0.1:9;", f"127.0.0.1:{cport};rport;".encode())
+            sender.sendto(data, ("127.0.0.1", sport))
+            await server_rx.wait_for(2)
+            got, peer = server_rx.messages[1]
+            assert isinstance(got, Request)
+            server.send(
+                Response(200, "OK", [h for h in got.headers if h[1] != "max-forwards"]),
+                response_peer(got, peer),
+            )
+            answer = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sender, 4000), 5)
+            assert answer.startswith(b"SIP/2.0 200 OK")
+            assert len(client_rx.messages) == 1
+        finally:
+            sender.close()
+            await client.close()
+            await server.close()
 
     asyncio.run(main())
 

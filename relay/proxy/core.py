@@ -31,7 +31,7 @@ import itertools
 import logging
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from clearip.relay.config import ProxyConfig
 from clearip.relay.emergency import EmergencyNumbers
@@ -87,7 +87,7 @@ from clearip.relay.sip.transaction.matching import (
     server_key,
 )
 from clearip.relay.sip.uri import SipUri, parse_uri, uri_user_number
-from clearip.relay.transport.peer import LocalAddress, Peer
+from clearip.relay.transport.peer import LocalAddress, Peer, response_peer
 from clearip.relay.trust import Role
 
 log = logging.getLogger("clearip.proxy")
@@ -100,6 +100,13 @@ _AWAITING_FINAL = frozenset(("CALLING", "PROCEEDING", "TRYING"))
 _COUNTED = frozenset(("via", "from", "to", "call-id", "cseq", "content-length"))
 
 
+class LocalFor(Protocol):
+    """Our address towards a peer: for a Via (the transport the message goes on) or, with
+    ``record_route``, for a Record-Route (a listener the peer can send new requests to)."""
+
+    def __call__(self, peer: Peer, *, record_route: bool = False) -> LocalAddress: ...
+
+
 class ProxyCore:
     """See the module docstring."""
 
@@ -110,7 +117,7 @@ class ProxyCore:
         role_of: Callable[[str], Role | None],
         emergency: Callable[[], EmergencyNumbers],
         locality: Locality,
-        local_for: Callable[[str, str | None], LocalAddress],
+        local_for: LocalFor,
         upstream: Callable[[Role], Peer | None],
         clock: Callable[[], float],
         counters: Counter[str] | None = None,
@@ -265,8 +272,6 @@ class ProxyCore:
         reason: str,
         extra: list[tuple[str, str]] | None = None,
     ) -> list[Effect]:
-        from clearip.relay.transport.endpoint import response_peer
-
         reply = make_reply(request, status, reason, extra=extra)
         return [Send(reply, response_peer(request, peer))]
 
@@ -361,7 +366,8 @@ class ProxyCore:
             return self._reply_stateless(request, peer, 482, "Loop Detected")
 
         txn = ServerInviteTransaction(request, reliable=peer.reliable, timers=self.config.timers)
-        self.server_txns[key] = (txn, peer)
+        # Responses go where the Via says (§18.2.2), not to the datagram's source port.
+        self.server_txns[key] = (txn, response_peer(request, peer))
         call = ProxyCall(
             id=next(self._ids),
             request=request,
@@ -416,7 +422,7 @@ class ProxyCore:
         out = call.request.copy()
         pop_own_routes(out, self.locality)
         decrement_max_forwards(out)
-        local = self.local_for(upstream.transport, upstream.host)
+        local = self.local_for(upstream)
         out.prepend("Via", via_value(local, stateful_branch(call.request)))
         call.upstream_peer = upstream
         txn = ClientInviteTransaction(out, reliable=upstream.reliable, timers=self.config.timers)
@@ -459,7 +465,7 @@ class ProxyCore:
             return self._reply_stateless(request, peer, 404, "Not Here")
         decrement_max_forwards(out)
         dest = peer_for_uri(target)
-        local = self.local_for(dest.transport, dest.host)
+        local = self.local_for(dest)
         out.prepend(
             "Via", via_value(local, stateless_branch(request), peer.conn if peer.reliable else None)
         )
@@ -629,16 +635,13 @@ class ProxyCore:
             out.append(name, value)
         decrement_max_forwards(out)
         dest = peer_for_uri(target.uri)
-        incoming = self.local_for(call.source.transport, call.source.host)
-        outgoing = self.local_for(dest.transport, dest.host)
-        if (incoming.transport, incoming.host, incoming.port) != (
-            outgoing.transport,
-            outgoing.host,
-            outgoing.port,
-        ):
+        incoming = self.local_for(call.source, record_route=True)
+        outgoing = self.local_for(dest, record_route=True)
+        if incoming != outgoing:
             out.prepend("Record-Route", record_route_value(incoming))
         out.prepend("Record-Route", record_route_value(outgoing))
-        out.prepend("Via", via_value(outgoing, stateful_branch(call.request)))
+        via = outgoing if outgoing.transport == dest.transport else self.local_for(dest)
+        out.prepend("Via", via_value(via, stateful_branch(call.request)))
         txn = ClientInviteTransaction(out, reliable=dest.reliable, timers=self.config.timers)
         key = client_key_for(out)
         branch = Branch(target=target, request=out, peer=dest, txn_key=key)
@@ -734,7 +737,35 @@ class ProxyCore:
     def _forward_response(self, call: ProxyCall, response: Response) -> list[Effect]:
         out = response.copy()
         out.pop_first_value("via")
+        if not _via_set_leads_back(out, call.request):
+            out = self._repaired(call, response, out)
         return self._respond(call, out)
+
+    def _repaired(self, call: ProxyCall, response: Response, out: Response) -> Response:
+        """A destination's response whose Vias below ours are not the switch's (§16.7 step 3
+        would drop it; the switch would then wait for a final it can never match). As a
+        transaction-stateful proxy we answer the switch ourselves: a final >= 300 becomes our
+        own response with that status, the switch's Via set, the destination's To tag and
+        Reason; a provisional or 2xx keeps its body and dialog headers with the Via set
+        replaced, so the dialog still forms."""
+        self.counters["response_via_repaired"] += 1
+        log.warning(
+            "Call-ID %s: %d from %s lost the switch's Via set: answering with the switch's own",
+            call.request.call_id,
+            response.status,
+            response.source[1] if response.source else "destination",
+        )
+        request_vias = [h for h in call.request.headers if h[1] == "via"]
+        if response.status >= 300:
+            extra = [("Reason", value) for value in response.get_all("reason")]
+            reply = make_reply(call.request, response.status, response.reason, extra=extra)
+            tag = _to_tag(response)
+            if tag:
+                reply.set("To", f"{call.request.get('to') or ''};tag={tag}")
+            return reply
+        out.remove("via")
+        out.headers = request_vias + out.headers
+        return out
 
     def _respond(self, call: ProxyCall, response: Response) -> list[Effect]:
         server = self.server_txns.get(call.server_key)
@@ -804,6 +835,24 @@ def _io_effect(key: object, action: Action, peer: Peer) -> Effect | None:
     if isinstance(action, TxStopTimer):
         return CancelTimer(("tx", key, action.name))
     return None
+
+
+def _via_set_leads_back(response: Response, request: Request) -> bool:
+    """True when the response's Vias are the request's, as the switch sent them (branch and
+    sent-by of each): what the switch's transaction matches on (§17.1.3)."""
+    try:
+        got = [(v.branch, v.sent_by.lower()) for v in response.vias()]
+        want = [(v.branch, v.sent_by.lower()) for v in request.vias()]
+    except SipParseError:
+        return False
+    return got == want
+
+
+def _to_tag(response: Response) -> str | None:
+    try:
+        return response.to_tag
+    except SipParseError:
+        return None
 
 
 def _dialled(request: Request) -> str | None:

@@ -2,8 +2,8 @@
 
 Like Kamailio's ``uac_redirect``: Contacts are tried in descending q order, ties in the order
 given. Only ``sip:``/``sips:`` Contacts are usable; a Contact that points back at this proxy
-would loop and is skipped; at most ``max_contacts`` are kept (a hostile 302 with hundreds of
-Contacts cannot make us call hundreds of destinations).
+would loop and is skipped; after sorting, at most ``max_contacts`` are kept (a hostile 302 with
+hundreds of Contacts cannot make us call hundreds of destinations, and the best ones survive).
 """
 
 from __future__ import annotations
@@ -64,11 +64,12 @@ def read_redirect(
         if uri.headers is not None:
             uri = replace(uri, headers=None)  # not applied from a redirect (§19.1.5)
         targets.append(Target(uri, contact.q))
-        if len(targets) >= max_contacts:
-            if len(contacts) > max_contacts:
-                skipped.append(("...", f"more than {max_contacts} Contacts: rest ignored"))
-            break
-    targets.sort(key=lambda t: -t.q)  # stable: ties keep their order
+    # Sort first, then cut: the best Contacts survive a long list (stable: ties keep order).
+    targets.sort(key=lambda t: -t.q)
+    if len(targets) > max_contacts:
+        extra = len(targets) - max_contacts
+        skipped.append(("...", f"{extra} lower-q Contact(s) beyond max_contacts = {max_contacts}"))
+        del targets[max_contacts:]
     copied: list[tuple[str, str]] = []
     for name in copy_headers:
         key = name.lower()

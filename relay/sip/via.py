@@ -10,6 +10,7 @@ from clearip.relay.sip.grammar import PARSE_CACHE_SIZE, find_param, split_params
 
 MAGIC_COOKIE = "z9hG4bK"
 DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061, "sctp": 5060, "ws": 80, "wss": 443}
+RELIABLE = frozenset(("tcp", "tls", "sctp", "ws", "wss"))
 
 
 @dataclass(slots=True)
@@ -38,17 +39,37 @@ class Via:
     def sent_by(self) -> str:
         return f"{self.host}:{self.port}" if self.port is not None else self.host
 
-    def response_address(self) -> tuple[str, int]:
-        """Where a response goes (§18.2.2 with RFC 3581): received/rport over sent-by."""
-        host = self.param("received") or self.host
+    def response_address(self, source: tuple[str, int] | None = None) -> tuple[str, int]:
+        """Where a response to the request that carried this Via goes (RFC 3261 §18.2.2 with
+        RFC 3581), given the address and port the request came from (``source``), if known.
+
+        - reliable transports: the ``received`` address (else the source, else sent-by host)
+          and the sent-by port (default of the transport): where to open a new connection
+          when the request's connection is gone; ``rport`` does not apply (RFC 3581 §4);
+        - unreliable: ``maddr`` with the sent-by port when present; otherwise the
+          ``received`` address with the ``rport`` value when the client asked for rport, and
+          the sent-by port (5060 when absent) when it did not. Never the source port alone:
+          a switch that sends from one port and listens on another is answered where it
+          listens.
+        """
+        transport = self.transport.lower()
+        port = self.port if self.port is not None else DEFAULT_PORTS.get(transport, 5060)
+        received = self.param("received")
+        host = received or (source[0] if source is not None else self.host)
+        if host.startswith("["):
+            host = host[1:-1]
+        if transport in RELIABLE:
+            return host, port
+        maddr = self.param("maddr")
+        if maddr:
+            return (maddr[1:-1] if maddr.startswith("[") else maddr), port
         rport = self.param("rport")
         if rport:
-            port = int(rport)
-        elif self.port is not None:
-            port = self.port
-        else:
-            port = DEFAULT_PORTS.get(self.transport.lower(), 5060)
-        return (host[1:-1] if host.startswith("[") else host), port
+            if rport.isdigit():
+                return host, int(rport)
+        elif rport == "" and source is not None:  # asked for rport, not yet stamped
+            return host, source[1]
+        return host, port
 
     def __str__(self) -> str:
         out = ["SIP/2.0/", self.transport.upper(), " ", self.sent_by]

@@ -37,9 +37,17 @@ from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.framing import PONG, Ping, StreamFramer
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.parser import DEFAULT_LIMITS, Limits, parse_message
-from clearip.relay.transport.peer import STREAM_TRANSPORTS, ListenerSpec, LocalAddress, Peer
+from clearip.relay.transport.peer import (
+    STREAM_TRANSPORTS,
+    ListenerSpec,
+    LocalAddress,
+    Peer,
+    response_peer,
+)
 
 log = logging.getLogger("clearip.transport")
+
+__all__ = ["SipEndpoint", "StreamConnection", "response_peer"]
 
 Handler = Callable[[Request | Response, Peer], None]
 # A tracer sees every parsed message in ("in") and every message out ("out"), with the peer.
@@ -64,18 +72,6 @@ def is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def response_peer(request: Request, source: Peer) -> Peer:
-    """Where a response to ``request`` goes: back on the same connection for streams; for UDP
-    the source address and port (RFC 3581 rport behaviour, which also survives NAT)."""
-    if source.reliable:
-        return source
-    via = request.top_via
-    maddr = via.param("maddr")
-    if maddr:
-        return Peer("udp", maddr, via.response_address()[1])
-    return Peer("udp", source.host, source.port)
 
 
 def _dscp(ancdata: list[tuple[int, int, bytes]]) -> int:
@@ -146,12 +142,16 @@ class StreamConnection(asyncio.Protocol):
         self.last_activity = time.monotonic()
         self.deadline: asyncio.TimerHandle | None = None
         self.closed = False
+        self.sockname: tuple[str, int] | None = None  # our end: (address, port)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses but behave like them.
         self.transport = cast(asyncio.Transport, transport)
         remote = transport.get_extra_info("peername") or ("", 0)
         self.peer = Peer(self.name, remote[0], remote[1], self.id)
+        local = transport.get_extra_info("sockname")
+        if local:
+            self.sockname = (str(local[0]), int(local[1]))
         if self.inbound and not self.endpoint.accept_connection(self):
             self.transport.abort()
             self.closed = True
@@ -326,17 +326,38 @@ class SipEndpoint:
             self._sweeper = asyncio.create_task(self._sweep_idle())
         return bound[0], bound[1]
 
-    def local_for(self, transport: str, remote_host: str | None = None) -> LocalAddress:
-        """Our address for Via/Record-Route on ``transport`` towards ``remote_host``."""
+    def local_for(
+        self,
+        transport: str,
+        remote_host: str | None = None,
+        conn: int | None = None,
+        *,
+        record_route: bool = False,
+    ) -> LocalAddress:
+        """Our address for Via/Record-Route on ``transport`` towards ``remote_host``.
+
+        The transport is always the one the message goes on (RFC 3261 §18.1.1). With a
+        listener for it, the sent-by is that listener (a peer can open a new connection to it).
+        Without one (ClearIP over TLS with no TLS listener, the packaged default), the sent-by
+        is the connection's own address when the message goes on a known connection (where
+        responses come back), else our address with the transport's default port.
+        ``record_route``: an address a peer can send new requests to, so always a listener
+        (the UDP one when there is none for ``transport``).
+        """
         transport = transport.lower()
         want_v6 = remote_host is not None and ":" in remote_host
-        candidates = [a for a in self.locals if a.transport == transport] or [
-            a for a in self.locals if a.transport == "udp"
-        ]
+        candidates = [a for a in self.locals if a.transport == transport]
+        if not candidates and record_route:
+            candidates = [a for a in self.locals if a.transport == "udp"] or self.locals
         if not candidates:
-            candidates = self.locals
-        if not candidates:
-            return LocalAddress(transport, "127.0.0.1", 5060)
+            connection = self.connections.get(conn) if conn is not None else None
+            if connection is not None and connection.sockname is not None:
+                return LocalAddress(transport, *connection.sockname)
+            others = [a for a in self.locals if a.transport == "udp"] or self.locals
+            default_port = 5061 if transport == "tls" else 5060
+            candidates = [LocalAddress(transport, a.host, default_port) for a in others] or [
+                LocalAddress(transport, "127.0.0.1", default_port)
+            ]
         chosen = next((a for a in candidates if (":" in a.host) == want_v6), candidates[0])
         if chosen.host in ("0.0.0.0", "::") and remote_host is not None:
             host = self._source_address_for(remote_host)

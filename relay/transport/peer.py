@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clearip.relay.sip.message import Request
+
 STREAM_TRANSPORTS = frozenset(("tcp", "tls"))
 
 
@@ -51,3 +53,16 @@ class LocalAddress:
     def hostport(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+
+def response_peer(request: Request, source: Peer) -> Peer:
+    """Where responses to ``request``, received from ``source``, go (RFC 3261 §18.2.2).
+
+    Streams: back on the request's connection (``conn``); if that is gone, a new connection to
+    the source address and the Via's sent-by port. UDP: see :meth:`Via.response_address` (the
+    sent-by port unless the client asked for ``rport``; ``maddr`` when present).
+    """
+    host, port = request.top_via.response_address((source.host, source.port))
+    if source.reliable:
+        return Peer(source.transport, source.host, port, source.conn)
+    return Peer("udp", host, port)
