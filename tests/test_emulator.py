@@ -47,7 +47,7 @@ def invite(
     pai: str | None = None,
     uri: str | None = None,
     branch: str = "z9hG4bKt1",
-    via: str = "SIP/2.0/UDP 127.0.0.1:5999",
+    via: str = "SIP/2.0/UDP 127.0.0.1:5999;rport",  # answered at the source port (RFC 3581)
     method: str = "INVITE",
     extra: str = "",
 ) -> bytes:

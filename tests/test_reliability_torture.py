@@ -10,6 +10,7 @@ afterwards the relay still serves a normal call and its counters show the outcom
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -85,6 +86,12 @@ def _send_all(ns: str, port: int, transport: str) -> dict[str, list[int]]:
             sock = socket.socket(socket.AF_INET, kind)
             sock.bind((SWITCH_IP, 0))
             socks[name] = sock
+        # Over UDP the relay answers where each Via says (RFC 3261 §18.2.2): the source
+        # address and the sent-by port, 5060 for every corpus message (none asks for rport).
+        # Those answers are told apart by Call-ID.
+        collector = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        collector.bind((SWITCH_IP, 5060))
+    by_call_id = {_call_id((_corpus() / name).read_bytes()): name for name in socks}
     try:
         for name, sock in socks.items():
             data = (_corpus() / name).read_bytes()
@@ -103,10 +110,22 @@ def _send_all(ns: str, port: int, transport: str) -> dict[str, list[int]]:
                 while chunk := sock.recv(65535):
                     chunks += chunk
             got[name] = _statuses(chunks)
+        collector.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while datagram := collector.recv(65535):
+                owner = by_call_id.get(_call_id(datagram))
+                if owner is not None:
+                    got[owner] += _statuses(datagram)
         return got
     finally:
+        collector.close()
         for sock in socks.values():
             sock.close()
+
+
+def _call_id(data: bytes) -> bytes:
+    found = re.search(rb"(?im)^(?:call-id|i)[ \t]*:[ \t]*(\S+)", data)
+    return found.group(1) if found else b""
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
