@@ -3,19 +3,27 @@
 Starts the ClearIP emulator over TLS (throw-away CA), the proxy with its default settings
 pointed at it, stand-in carriers and a stand-in switch, places one call of each kind, prints a
 SIP ladder per call and a summary table, and exits 0 only if every call behaved as expected.
+With ``--keep-running`` it then leaves everything up, prints SIPp command lines that place
+calls of their own (see sipp.py) and a ladder line for each message of those calls, until
+Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import shutil
+import signal
 import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +31,7 @@ from clearip.relay.config import ProxyConfig, UpstreamConfig, XdpConfig
 from clearip.relay.daemon import Daemon
 from clearip.relay.demo.agents import CallResult, Uac, Uas
 from clearip.relay.demo.ladder import Ladder
+from clearip.relay.demo.sipp import SIPP_CALLS, command, scenario_file
 from clearip.relay.emulator.rules import rules_from_data
 from clearip.relay.emulator.server import Emulator
 from clearip.relay.labca import make_lab_certificates
@@ -117,7 +126,9 @@ async def run_demo(
     upstream_timeout: float = 1.0,
     xdp: bool = False,
     kernel: list[KernelReport] | None = None,
+    report: Callable[[list[Outcome]], None] | None = None,
 ) -> list[Outcome]:
+    """Places the demo calls and hands their outcomes to ``report`` before keep-running."""
     workdir = Path(tempfile.mkdtemp(prefix="clearip-demo-"))
     provider_a = Uas(PROVIDER_A, answer=200)
     provider_b = Uas(PROVIDER_B, answer=200)
@@ -183,7 +194,7 @@ async def run_demo(
     proxy_port = daemon.endpoint.locals[0].port
     proxy = Peer("udp", "127.0.0.1", proxy_port)
 
-    ladder = Ladder()
+    ladder = Ladder(hosts={SWITCH: "switch"})
     ladder.names.update(
         {
             (SWITCH, switch.port): "switch",
@@ -241,12 +252,12 @@ async def run_demo(
             )
         else:
             kernel.append(KernelReport(daemon.policy.describe_kernel(), {}, []))
+    if report is not None:
+        report(outcomes)
     if keep_running:
-        _print_keep_running(proxy_port, tls_port)
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            pass
+        daemon.call_listeners.remove(summaries.append)
+        ladder.follow(_say, colour=colour)
+        await _keep_running(proxy, tls_port)
     kernel_filter = daemon.policy.kernel
     await daemon.close()
     if kernel_filter is not None and hasattr(kernel_filter, "detach"):
@@ -254,6 +265,7 @@ async def run_demo(
     await emulator.close()
     for closing in (provider_a, provider_b, provider_a_fail, switch_in, switch, carrier):
         await closing.close()
+    shutil.rmtree(workdir, ignore_errors=True)
     return outcomes
 
 
@@ -318,17 +330,42 @@ def _free_port() -> int:
     raise OSError("no free port on 127.0.0.1")
 
 
-def _print_keep_running(proxy_port: int, tls_port: int) -> None:
-    print()
-    print(
-        f"The proxy listens on udp/tcp 127.0.0.1:{proxy_port}; "
-        f"the ClearIP emulator on tls 127.0.0.1:{tls_port}."
-    )
-    print("Trusted sources: 127.0.0.1 (switch), 127.0.0.2 and 127.0.0.3 (providers).")
-    print("Place your own calls with SIPp, for example:")
-    print(f"  sipp -sn uac -s 12125550100 -i 127.0.0.1 -p 5090 -m 1 127.0.0.1:{proxy_port}")
-    print(f"  sipp -sn uac -s 911 -i 127.0.0.1 -p 5090 -m 1 127.0.0.1:{proxy_port}")
-    print("Press Ctrl-C to stop.")
+def _say(line: str = "") -> None:
+    """Prints at once: a reader of a pipe (a test, ``| tee``) sees each line as it happens."""
+    print(line, flush=True)
+
+
+async def _keep_running(proxy: Peer, tls_port: int) -> None:
+    """Prints the SIPp calls to try, then waits for Ctrl-C or SIGTERM."""
+    with contextlib.ExitStack() as files:
+        _say()
+        _say(
+            f"The proxy listens on udp/tcp {proxy.host}:{proxy.port}; "
+            f"the ClearIP emulator on tls 127.0.0.1:{tls_port}."
+        )
+        _say("Trusted sources: 127.0.0.1 (switch), 127.0.0.2 and 127.0.0.3 (providers).")
+        _say("Place calls as the switch with SIPp (each exits after its call, 0 if it succeeded):")
+        for call in SIPP_CALLS:
+            path = files.enter_context(resources.as_file(scenario_file(call.scenario)))
+            _say(f"  {command(call, str(path), switch=SWITCH, proxy=proxy)}")
+            _say(f"    {call.shows}")
+        _say("The proxy's messages for each call are printed below. Press Ctrl-C to stop.")
+        await _until_stopped()
+    _say("Stopped.")
+
+
+async def _until_stopped() -> None:
+    """Returns on SIGINT or SIGTERM, so both stop the demo through its normal clean-up."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
 
 
 def print_report(outcomes: list[Outcome], *, colour: bool) -> None:
@@ -362,19 +399,23 @@ def main(*, json_output: bool = False, keep_running: bool = False, xdp: bool = F
         print("--xdp needs root (it loads the kernel filter on lo)", file=sys.stderr)
         return 2
     kernel: list[KernelReport] = []
+
+    def report(outcomes: list[Outcome]) -> None:
+        if json_output:
+            print(json.dumps([_as_json(o) for o in outcomes], indent=2))
+        else:
+            print_report(outcomes, colour=colour)
+            for kernel_report in kernel:
+                print(f"\nKernel filter: {kernel_report.status}")
+                for name, value in kernel_report.counters.items():
+                    print(f"  {name:20s} {value}")
+                for address, count in kernel_report.top_dropped:
+                    print(f"  dropped from {address}: {count}")
+        sys.stdout.flush()
+
     outcomes = asyncio.run(
-        run_demo(keep_running=keep_running, colour=colour, xdp=xdp, kernel=kernel)
+        run_demo(keep_running=keep_running, colour=colour, xdp=xdp, kernel=kernel, report=report)
     )
-    if json_output:
-        print(json.dumps([_as_json(o) for o in outcomes], indent=2))
-    else:
-        print_report(outcomes, colour=colour)
-        for report in kernel:
-            print(f"\nKernel filter: {report.status}")
-            for name, value in report.counters.items():
-                print(f"  {name:20s} {value}")
-            for address, count in report.top_dropped:
-                print(f"  dropped from {address}: {count}")
     return 0 if all(o.ok for o in outcomes) else 1
 
 

@@ -1,8 +1,13 @@
-"""A compact SIP ladder of what the proxy sent and received, built from its trace hook."""
+"""A compact SIP ladder of what the proxy sent and received, built from its trace hook.
+
+It keeps the steps of one call for ``render``; or, once ``follow`` is called (the demo's
+keep-running mode), writes each step at once and keeps nothing, so a long run stays small.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from clearip.relay.shaken import attestation_of
@@ -24,35 +29,59 @@ class Step:
 @dataclass
 class Ladder:
     names: dict[tuple[str, int], str] = field(default_factory=dict)
+    # Names by address alone, for agents whose port is not known in advance (SIPp).
+    hosts: dict[str, str] = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    sink: Callable[[str], None] | None = None
+    colour: bool = False
 
     def name_of(self, peer: Peer) -> str:
-        return self.names.get((peer.host, peer.port), f"{peer.host}:{peer.port}")
+        name = self.names.get((peer.host, peer.port)) or self.hosts.get(peer.host)
+        return name or f"{peer.host}:{peer.port}"
 
     def record(self, direction: str, message: Message, peer: Peer) -> None:
         other = self.name_of(peer)
         sender, receiver = (other, PROXY) if direction == "in" else (PROXY, other)
-        self.steps.append(
-            Step(time.monotonic(), sender, receiver, _summary(message), _details(message))
-        )
+        step = Step(time.monotonic(), sender, receiver, _summary(message), _details(message))
+        if self.sink is None:
+            self.steps.append(step)
+            return
+        if direction == "in" and _starts_a_call(message):
+            self.started = step.at
+            self.sink("")
+        self.sink(self._line(step, self.colour))
+
+    def follow(self, sink: Callable[[str], None], *, colour: bool) -> None:
+        """From now on each step goes to ``sink`` as it happens; a new call starts the clock."""
+        self.reset()
+        self.sink, self.colour = sink, colour
 
     def reset(self) -> None:
         self.steps = []
         self.started = time.monotonic()
 
     def render(self, colour: bool) -> list[str]:
-        lines = []
-        for step in self.steps:
-            ms = (step.at - self.started) * 1000
-            arrow = f"{step.sender:>10} -> {step.receiver:<10}"
-            text = step.summary
-            if colour:
-                code = _colour_for(text)
-                text = f"\033[{code}m{text}\033[0m" if code else text
-            detail = f"  ({'; '.join(step.details)})" if step.details else ""
-            lines.append(f"  {ms:7.1f} ms  {arrow} {text}{detail}")
-        return lines
+        return [self._line(step, colour) for step in self.steps]
+
+    def _line(self, step: Step, colour: bool) -> str:
+        ms = (step.at - self.started) * 1000
+        arrow = f"{step.sender:>10} -> {step.receiver:<10}"
+        text = step.summary
+        if colour:
+            code = _colour_for(text)
+            text = f"\033[{code}m{text}\033[0m" if code else text
+        detail = f"  ({'; '.join(step.details)})" if step.details else ""
+        return f"  {ms:7.1f} ms  {arrow} {text}{detail}"
+
+
+def _starts_a_call(message: Message) -> bool:
+    """An INVITE without a To tag (a retransmission also counts; the clock restarts)."""
+    return (
+        isinstance(message, Request)
+        and message.method == "INVITE"
+        and ";tag=" not in (message.get("to") or "")
+    )
 
 
 def _summary(message: Message) -> str:
