@@ -57,6 +57,14 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """Trust for outgoing TLS that is not a ClearIP upstream: carriers reached by TLS Contacts."""
+
+    peers_ca_file: str = ""
+    peers_verify: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class XdpConfig:
     enabled: bool = True
     interfaces: tuple[str, ...] = ()
@@ -91,6 +99,7 @@ class ProxyConfig:
     invite_rate_per_source: float = 1000.0
     outbound: UpstreamConfig = field(default_factory=UpstreamConfig)
     inbound: UpstreamConfig = field(default_factory=UpstreamConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     emergency_numbers: tuple[str, ...] = DEFAULT_NUMBERS
     emergency_route: str = ""
     timers: TimerSettings = field(default_factory=TimerSettings)
@@ -222,9 +231,33 @@ def _upstream(table: dict[str, Any], prefix: str, base: UpstreamConfig) -> Upstr
     return upstream
 
 
+def _tls(table: dict[str, Any]) -> TlsConfig:
+    r = _Reader(table, "tls")
+    tls = TlsConfig(
+        peers_ca_file=r.get(
+            "peers_ca_file", str, "", 'use the path of a PEM CA bundle ("" = the system store)'
+        ),
+        peers_verify=r.get("peers_verify", bool, True, "use true or false"),
+    )
+    r.finish()
+    if tls.peers_ca_file and not Path(tls.peers_ca_file).is_file():
+        raise ConfigError(f"tls.peers_ca_file = {tls.peers_ca_file!r}: file not found")
+    return tls
+
+
 def config_from_data(data: dict[str, Any]) -> ProxyConfig:
     top = _Reader(data, "")
-    for name in ("proxy", "listen", "upstream", "emergency", "timers", "xdp", "log", "metrics"):
+    for name in (
+        "proxy",
+        "listen",
+        "upstream",
+        "tls",
+        "emergency",
+        "timers",
+        "xdp",
+        "log",
+        "metrics",
+    ):
         top.used.add(name)
     top.finish()
 
@@ -288,7 +321,7 @@ def config_from_data(data: dict[str, Any]) -> ProxyConfig:
         raise ConfigError(f"unknown table(s) {sorted(extra)} in [upstream]: use outbound, inbound")
     outbound = _upstream(_table(upstream, "outbound"), "upstream.outbound", UpstreamConfig())
     inbound = _upstream(_table(upstream, "inbound"), "upstream.inbound", outbound)
-    config = config.with_changes(outbound=outbound, inbound=inbound)
+    config = config.with_changes(outbound=outbound, inbound=inbound, tls=_tls(_table(data, "tls")))
 
     e = _Reader(_table(data, "emergency"), "emergency")
     numbers = e.str_list("numbers", DEFAULT_NUMBERS, 'use digit strings, e.g. ["911", "933"]')

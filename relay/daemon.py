@@ -33,7 +33,7 @@ from clearip.relay.trace import Subscriber
 from clearip.relay.trace import record as trace_record
 from clearip.relay.transport.endpoint import SipEndpoint
 from clearip.relay.transport.peer import LocalAddress, Peer
-from clearip.relay.transport.tls import client_context
+from clearip.relay.transport.tls import ClientTls
 from clearip.relay.trust import Role, TrustList
 from clearip.relay.upstream import UpstreamLink
 
@@ -63,6 +63,12 @@ class Daemon:
         self._stopping = asyncio.Event()
         # Called with each call's summary (the demo and tests listen here).
         self.call_listeners: list[Callable[[dict[str, Any]], None]] = []
+        # Each upstream trusts its own CA, carriers reached by TLS Contacts [tls] peers_ca_file.
+        # The contexts are made now, so a bad CA file stops the start, not the first call.
+        tls = ClientTls(config.tls.peers_ca_file, config.tls.peers_verify)
+        tls.upstream(config.outbound)
+        tls.upstream(config.inbound)
+        tls.peers()
         self.endpoint = SipEndpoint(
             self._on_message,
             counters=self.counters,
@@ -72,11 +78,7 @@ class Daemon:
             limits=Limits(max_message_size=config.max_message_size),
             max_connections=config.max_connections,
             max_connections_per_source=config.max_connections_per_source,
-            tls_client=client_context(
-                config.outbound.ca_file or None, verify=config.outbound.verify
-            )
-            if config.outbound.transport == "tls"
-            else None,
+            tls_client=tls,
         )
         self.links: dict[Role, UpstreamLink] = {}
         outbound = UpstreamLink(

@@ -99,6 +99,7 @@ class UpstreamLink:
                     connected = await self.endpoint.connect(
                         peer,
                         server_name=self.config.server_name or self.config.host,
+                        context=self.endpoint.tls_client.upstream(self.config),
                         timeout=CONNECT_TIMEOUT,
                     )
                 except (OSError, TimeoutError, ssl.SSLError) as exc:

@@ -44,6 +44,7 @@ from clearip.relay.transport.peer import (
     Peer,
     response_peer,
 )
+from clearip.relay.transport.tls import ClientTls, FailureLog, failure_reason
 
 log = logging.getLogger("clearip.transport")
 
@@ -227,7 +228,7 @@ class SipEndpoint:
         *,
         limits: Limits = DEFAULT_LIMITS,
         tls_server: ssl.SSLContext | None = None,
-        tls_client: ssl.SSLContext | None = None,
+        tls_client: ClientTls | ssl.SSLContext | None = None,
         counters: Counter[str] | None = None,
         is_trusted: Callable[[str], bool] | None = None,
         on_send_error: SendErrorHandler | None = None,
@@ -240,7 +241,11 @@ class SipEndpoint:
         self.handler = handler
         self.limits = limits
         self.tls_server = tls_server
-        self.tls_client = tls_client
+        # Which context each outgoing TLS connection verifies with (a bare context: for all).
+        if isinstance(tls_client, ssl.SSLContext):
+            tls_client = ClientTls(peers_context=tls_client)
+        self.tls_client = tls_client if tls_client is not None else ClientTls()
+        self._tls_failures = FailureLog()
         self.counters: Counter[str] = counters if counters is not None else Counter()
         self.is_trusted = is_trusted
         self.on_send_error = on_send_error
@@ -453,14 +458,30 @@ class SipEndpoint:
             self.on_connection_lost(conn.peer)
 
     async def connect(
-        self, peer: Peer, *, server_name: str | None = None, timeout: float = 5.0
+        self,
+        peer: Peer,
+        *,
+        server_name: str | None = None,
+        context: ssl.SSLContext | None = None,
+        timeout: float = 5.0,
     ) -> Peer:
-        """Open (or reuse) a stream connection to ``peer``; returns the peer with its conn id."""
-        conn = await self._connection_to(peer, server_name=server_name, timeout=timeout)
+        """Open (or reuse) a stream connection to ``peer``; returns the peer with its conn id.
+
+        For TLS, ``server_name`` (default: the peer's host) is sent as SNI and checked against
+        the certificate; ``context`` (default: the carriers' policy) says whom to trust.
+        """
+        conn = await self._connection_to(
+            peer, server_name=server_name, context=context, timeout=timeout
+        )
         return conn.peer
 
     async def _connection_to(
-        self, peer: Peer, *, server_name: str | None = None, timeout: float = 5.0
+        self,
+        peer: Peer,
+        *,
+        server_name: str | None = None,
+        context: ssl.SSLContext | None = None,
+        timeout: float = 5.0,
     ) -> StreamConnection:
         key = (peer.transport, peer.host, peer.port)
         existing = self._by_address.get(key)
@@ -468,32 +489,56 @@ class SipEndpoint:
             return existing
         task = self._connecting.get(key)
         if task is None:
-            task = asyncio.ensure_future(self._open(peer, server_name, timeout))
+            task = asyncio.ensure_future(self._open(peer, server_name, context, timeout))
             self._connecting[key] = task
             task.add_done_callback(lambda _t: self._connecting.pop(key, None))
         return await asyncio.shield(task)
 
-    async def _open(self, peer: Peer, server_name: str | None, timeout: float) -> StreamConnection:
+    async def _open(
+        self,
+        peer: Peer,
+        server_name: str | None,
+        context: ssl.SSLContext | None,
+        timeout: float,
+    ) -> StreamConnection:
         loop = asyncio.get_running_loop()
-        context = None
+        name = None
         if peer.transport == "tls":
-            context = self.tls_client
+            name = server_name or peer.host
             if context is None:
-                from clearip.relay.transport.tls import client_context
-
-                context = self.tls_client = client_context()
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(
-                lambda: StreamConnection(self, peer.transport, inbound=False),
-                host=peer.host,
-                port=peer.port,
-                ssl=context,
-                server_hostname=(server_name or peer.host) if context is not None else None,
-            ),
-            timeout,
-        )
+                context = self.tls_client(peer, name)
+        else:
+            context = None
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: StreamConnection(self, peer.transport, inbound=False),
+                    host=peer.host,
+                    port=peer.port,
+                    ssl=context,
+                    server_hostname=name,
+                ),
+                timeout,
+            )
+        except ssl.SSLError as exc:
+            self._tls_failed(peer, name, exc)
+            raise
+        if context is not None:
+            self._tls_failures.succeeded(peer)
         self._by_address[(peer.transport, peer.host, peer.port)] = conn
         return conn
+
+    def _tls_failed(self, peer: Peer, server_name: str | None, exc: ssl.SSLError) -> None:
+        """Counted every time; logged once per peer and reason until the peer next succeeds."""
+        self.counters["tls_handshake_failed"] += 1
+        reason = failure_reason(exc)
+        if self._tls_failures.first(peer, reason):
+            log.warning(
+                "TLS handshake with %s (server name %s) failed: %s",
+                peer.without_conn(),
+                server_name,
+                reason,
+            )
 
     async def _sweep_idle(self) -> None:
         while True:
