@@ -118,7 +118,8 @@ def render(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, ListenerSpec):
-        text = f"{value.transport}:{value.address}:{value.port}"
+        address = f"[{value.address}]" if ":" in value.address else value.address
+        text = f"{value.transport}:{address}:{value.port}"
         for name in ("advertise", "certificate", "private_key"):
             if getattr(value, name):
                 text += f";{name}={getattr(value, name)}"
