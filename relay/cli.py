@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     reload = sub.add_parser(
         "reload",
         help="make the running daemon re-read its config and trust list; print what changed",
+        description="Ask the running daemon, over proxy.control_socket, to re-read its config "
+        "file and trust list (as SIGHUP does). Settings that need no new socket apply at once "
+        "to new calls; calls being set up keep theirs. Prints each applied key and each key "
+        "that needs a restart (not applied), or 'no changes'. A bad file changes nothing: "
+        "the error is printed and the exit status is 2.",
     )
     reload.add_argument(
         "--config",
