@@ -1,5 +1,5 @@
 """``clearipctl``: the operator's tool for the running proxy (trust list, emergency numbers,
-status, statistics, the kernel filter).
+status, statistics, reload, the kernel filter).
 
 It talks to the daemon's control socket. Trust-list commands also work on the trust file when
 the daemon is not running (the change then applies at the next start).
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from clearip.relay.reload import report_lines
 from clearip.relay.trust import (
     TrustEntry,
     TrustError,
@@ -34,9 +35,10 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_NO_DAEMON = 0, 1, 2, 3
 EPILOG = """exit codes:
   0  done
   1  the daemon or the system refused (see the message)
-  2  invalid input (bad CIDR, unknown role, duplicate or missing entry); nothing changed
+  2  invalid input (bad CIDR, unknown role, duplicate or missing entry, a config file the
+     daemon refused to reload); nothing changed
   3  the daemon is not running (for commands that need it: emergency, status, stats,
-     top-dropped, trace)
+     top-dropped, reload, trace)
 
 trust commands work on --trust-file when the daemon is not running (and say so); the change
 then applies at the next start. xdp detach works with or without the daemon.
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", "daemon, ClearIP connections, kernel filter, trust-list size"),
         ("stats", "relay and kernel counters"),
         ("top-dropped", "sources the kernel filter dropped most"),
+        ("reload", "re-read the config file and the trust list; print what changed"),
     ):
         command = sub.add_parser(name, help=text)
         command.add_argument("--json", action="store_true")
@@ -333,6 +336,8 @@ def run(args: argparse.Namespace) -> int:
         return code
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2))
+    elif args.command == "reload":
+        print("\n".join(report_lines(result)))
     elif args.command == "top-dropped":
         print(table([[a, str(c)] for a, c in result], ["SOURCE", "DROPPED"]) if result else "none")
     else:

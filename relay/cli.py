@@ -1,4 +1,4 @@
-"""``clearip-proxy``: the daemon's command line (run, check-config, emulate, demo)."""
+"""``clearip-proxy``: the daemon's command line (run, check-config, reload, emulate, demo)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 DEFAULT_CONFIG = "/etc/clearip-proxy/proxy.toml"
 
@@ -27,6 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and its trust list")
     check.add_argument(
         "--config", default=DEFAULT_CONFIG, help="TOML config (default: %(default)s)"
+    )
+
+    reload = sub.add_parser(
+        "reload",
+        help="make the running daemon re-read its config and trust list; print what changed",
+        description="Ask the running daemon, over proxy.control_socket, to re-read its config "
+        "file and trust list (as SIGHUP does). Settings that need no new socket apply at once "
+        "to new calls; calls being set up keep theirs. Prints each applied key and each key "
+        "that needs a restart (not applied), or 'no changes'. A bad file changes nothing: "
+        "the error is printed and the exit status is 2.",
+    )
+    reload.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help="the daemon's TOML config, for proxy.control_socket (default: %(default)s)",
     )
 
     sub.add_parser(
@@ -77,7 +93,7 @@ def _run(path: str) -> int:
         return EXIT_CONFIG
     setup_logging(config.log_level, config.log_format)
     try:
-        daemon = Daemon(config)
+        daemon = Daemon(config, config_path=path)
     except TrustError as exc:
         print(f"error: proxy.trust_file: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -88,6 +104,57 @@ def _run(path: str) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
+
+
+def _reload(path: str) -> int:
+    """Ask the daemon (over its control socket) to reload, and print what changed."""
+    from clearip.ctl.cli import Client, DaemonDown, DaemonError
+    from clearip.relay.config import ConfigError, ProxyConfig, load_config
+    from clearip.relay.reload import report_lines
+
+    local_error: ConfigError | None = None
+    try:
+        socket_path = load_config(path).control_socket
+    except ConfigError as exc:
+        # The daemon re-reads the same file and names the error itself (and logs it); find
+        # its socket as best we can.
+        local_error = exc
+        socket_path = _control_socket_of(path) or ProxyConfig().control_socket
+    if not socket_path:
+        print(
+            f"error: {path}: proxy.control_socket is empty, so the daemon cannot be asked: "
+            "send it SIGHUP instead (systemctl reload clearip-proxy)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    try:
+        reply = Client(socket_path).call("reload")
+    except DaemonDown as exc:
+        print(f"error: {local_error or exc}", file=sys.stderr)
+        return EXIT_CONFIG if local_error else EXIT_ERROR
+    except DaemonError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if not reply.get("ok"):
+        print(f"error: {reply.get('error')}", file=sys.stderr)
+        return EXIT_CONFIG if reply.get("kind") == "invalid" else EXIT_ERROR
+    result = reply.get("result") or {}
+    print("\n".join(report_lines(result)))
+    daemon_config = result.get("config")
+    if daemon_config and Path(daemon_config).resolve() != Path(path).resolve():
+        print(f"note: the daemon reads {daemon_config}, not {path}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _control_socket_of(path: str) -> str | None:
+    """``proxy.control_socket`` from a file that is TOML but not a valid config."""
+    import tomllib
+
+    try:
+        value = tomllib.loads(Path(path).read_text(encoding="utf-8"))["proxy"]["control_socket"]
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _use_uvloop() -> None:
@@ -109,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(args.config)
     if args.command == "run":
         return _run(args.config)
+    if args.command == "reload":
+        return _reload(args.config)
     if args.command == "demo":
         from clearip.relay.demo import main as demo_main
 

@@ -19,6 +19,9 @@ Commands and their fields (results in brackets):
     stats                                   [the daemon's counters + kernel (or null)]
     top-dropped    n? (default 10)          [[[address, packets], ...]]
     xdp.detach                              [{"detached": [interfaces], "pin_dir": ...}]
+    reload                                  [{"config", "live": [{"key", "old", "new"}, ...],
+                                             "restart": [...]}] (re-reads the config and trust
+                                             files; a bad one: invalid, nothing changed)
     trace          call_id?, number?        (a stream of records; see relay/trace.py)
 """
 
@@ -60,8 +63,10 @@ class ControlServer:
         *,
         allow_uid: int = 0,
         subscribe: Callable[[Subscriber], Callable[[], None]] | None = None,
+        reload: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.subscribe = subscribe
+        self.reload = reload
         self.path = Path(path)
         self.policy = policy
         self.status = status
@@ -81,6 +86,7 @@ class ControlServer:
             "stats": self._stats,
             "top-dropped": self._top_dropped,
             "xdp.detach": self._xdp_detach,
+            "reload": self._reload,
         }
 
     async def start(self) -> None:
@@ -252,6 +258,12 @@ class ControlServer:
         if not 0 < n <= 4096:
             raise ValueError("n must be between 1 and 4096")
         return [[address, count] for address, count in self.policy.kernel.top_dropped(n)]
+
+    def _reload(self, _: dict[str, Any]) -> dict[str, Any]:
+        """Re-read the config file and the trust list (as SIGHUP does) and say what changed."""
+        if self.reload is None:
+            raise PolicyError("reload is not available here")
+        return self.reload()
 
     def _xdp_detach(self, _: dict[str, Any]) -> dict[str, Any]:
         """Remove the daemon's kernel filter; the relay keeps checking sources itself."""

@@ -15,17 +15,19 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from clearip.relay.config import ProxyConfig
+from clearip.relay.config import ConfigError, ProxyConfig, load_config
 from clearip.relay.control import ControlServer
 from clearip.relay.emergency import EmergencyNumbers
 from clearip.relay.gcpolicy import run_policy, start_policy
 from clearip.relay.metrics import MetricsServer, registry_for
-from clearip.relay.policy import SourcePolicy
+from clearip.relay.policy import PolicyError, SourcePolicy
 from clearip.relay.proxy.core import ProxyCore
 from clearip.relay.proxy.effects import CallFinished, CancelTimer, Effect, Send, StartTimer
 from clearip.relay.proxy.routing import Locality
+from clearip.relay.reload import Change, plan_reload
 from clearip.relay.sdnotify import Notifier, watchdog, watchdog_interval
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.parser import Limits
@@ -34,7 +36,7 @@ from clearip.relay.trace import record as trace_record
 from clearip.relay.transport.endpoint import SipEndpoint
 from clearip.relay.transport.peer import LocalAddress, Peer
 from clearip.relay.transport.tls import ClientTls
-from clearip.relay.trust import Role, TrustList
+from clearip.relay.trust import Role, TrustError, TrustList
 from clearip.relay.upstream import UpstreamLink
 
 log = logging.getLogger("clearip.daemon")
@@ -43,8 +45,16 @@ calls_log = logging.getLogger("clearip.calls")
 
 
 class Daemon:
-    def __init__(self, config: ProxyConfig, trust: TrustList | None = None) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        trust: TrustList | None = None,
+        *,
+        config_path: str | Path | None = None,
+    ) -> None:
         self.config = config
+        # Where ``config`` came from: a reload re-reads it (without one, only the trust list).
+        self.config_path = Path(config_path) if config_path is not None else None
         if trust is None:
             self.policy = SourcePolicy.load(
                 config.trust_file, config.emergency_numbers, config.state_dir
@@ -234,6 +244,7 @@ class Daemon:
                 self.status,
                 self.stats,
                 subscribe=self.subscribe_trace,
+                reload=self.reload_config,
             )
             try:
                 await self.control.start()
@@ -287,11 +298,59 @@ class Daemon:
         log.info("kernel filter on: %s", self.policy.describe_kernel())
 
     def reload(self) -> None:
-        """SIGHUP: re-read the trust list (what can change without re-binding sockets)."""
+        """SIGHUP: :meth:`reload_config`; a refusal is logged and changes nothing."""
+        with contextlib.suppress(ConfigError, TrustError, PolicyError):
+            self.reload_config()
+
+    def reload_config(self) -> dict[str, Any]:
+        """Re-read the config file and the trust list, and apply every setting that needs no
+        new socket (see :mod:`clearip.relay.reload`), all or nothing; calls being set up keep
+        the config they started with. Returns the report ``clearip-proxy reload`` prints; a
+        bad file or a kernel refusal is logged and raised, and every running setting is kept.
+        """
         try:
-            self.policy.reload()
-        except ValueError as exc:
-            log.error("reload refused, keeping the current trust list: %s", exc)
+            fresh = self.config if self.config_path is None else load_config(self.config_path)
+            plan = plan_reload(self.config, fresh)
+            before = [(e.cidr, e.role, e.note) for e in self.trust]
+            try:
+                self.policy.reload(plan.config.trust_file, plan.config.emergency_numbers)
+            except TrustError as exc:
+                raise TrustError(f"proxy.trust_file: {exc}") from None
+        except (ConfigError, TrustError, PolicyError) as exc:
+            log.error("reload refused, every running setting kept: %s", exc)
+            raise
+        # Nothing below can fail: one synchronous step on the event loop, so no message is
+        # handled with half the new settings.
+        config = plan.config
+        self.config = config
+        self.core.use_config(config)
+        self.endpoint.set_limits(
+            max_message_size=config.max_message_size,
+            max_connections=config.max_connections,
+            max_connections_per_source=config.max_connections_per_source,
+        )
+        if plan.changes("log"):
+            apply_logging(config.log_level, config.log_format)
+        live = list(plan.live)
+        after = [(e.cidr, e.role, e.note) for e in self.trust]
+        if after != before:
+            live.append(Change("trust list", f"{len(before)} entries", f"{len(after)} entries"))
+        for change in live:
+            log.info("reload: %s: %s -> %s", change.key, change.old, change.new)
+        for change in plan.restart:
+            log.warning(
+                "%s changed: needs a restart (running with %s, the file says %s)",
+                change.key,
+                change.old,
+                change.new,
+            )
+        if not live and not plan.restart:
+            log.info("reload: no changes")
+        return {
+            "config": str(self.config_path) if self.config_path is not None else None,
+            "live": [c.as_dict() for c in live],
+            "restart": [c.as_dict() for c in plan.restart],
+        }
 
     def status(self) -> dict[str, Any]:
         return {
@@ -415,15 +474,32 @@ def _host_addresses() -> set[str]:
     return out
 
 
+_LOG_HANDLER = "clearip"  # the name of the handler setup_logging installs
+
+
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler()
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.set_name(_LOG_HANDLER)
+    handler.setFormatter(_formatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def apply_logging(level: str, fmt: str) -> None:
+    """A reloaded ``[log]``: the level, and the format of the handler setup_logging installed
+    (other handlers, such as a test runner's, are left alone)."""
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    for handler in root.handlers:
+        if handler.get_name() == _LOG_HANDLER:
+            handler.setFormatter(_formatter(fmt))
+
+
+def _formatter(fmt: str) -> logging.Formatter:
+    if fmt == "json":
+        return JsonFormatter()
+    return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 class JsonFormatter(logging.Formatter):

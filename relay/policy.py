@@ -136,11 +136,52 @@ class SourcePolicy:
         self._change_trust(fresh, lambda kernel: kernel.set_trust(fresh))
         log.info("trust list: imported, %d entries", len(self.trust))
 
-    def reload(self) -> None:
-        """Re-read the trust file (SIGHUP); a broken file leaves everything as it was."""
-        fresh = load_trust_file(self.trust_file)
-        self._change_trust(fresh, lambda kernel: kernel.set_trust(fresh), write=False)
+    def reload(
+        self, trust_file: str | Path | None = None, emergency_numbers: Iterable[str] | None = None
+    ) -> None:
+        """Re-read the trust file (SIGHUP, ``clearip-proxy reload``), from ``trust_file`` when
+        the config now names another, and take the config's ``emergency_numbers`` when they
+        differ from the list the running ones came from (the config wins over runtime changes,
+        as at a start). A broken file or a kernel refusal leaves everything as it was."""
+        path = Path(trust_file) if trust_file is not None else self.trust_file
+        fresh = load_trust_file(path)
+        numbers = None
+        if emergency_numbers is not None:
+            config = sorted(validate_number(n) for n in emergency_numbers)
+            numbers = config if config != self.config_numbers else None
+        old_numbers = self.emergency.numbers()
+        if numbers is not None and self.kernel is not None:
+            try:
+                self.kernel.set_emergency(numbers)
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    self.kernel.set_emergency(old_numbers)
+                raise PolicyError(
+                    f"the kernel filter refused the emergency numbers ({exc}); nothing changed"
+                ) from exc
+        try:
+            self._change_trust(fresh, lambda kernel: kernel.set_trust(fresh), write=False)
+        except PolicyError:
+            if numbers is not None and self.kernel is not None:
+                with contextlib.suppress(Exception):
+                    self.kernel.set_emergency(old_numbers)
+            raise
+        if path != self.trust_file:
+            log.info("trust list: now %s", path)
+        self.trust_file = path
         log.info("trust list: reloaded, %d entries", len(self.trust))
+        if numbers is not None:
+            self.emergency = EmergencyNumbers(numbers)
+            self.config_numbers = numbers
+            state = self.state_dir / EMERGENCY_STATE if self.state_dir is not None else None
+            if state is not None and state.exists():
+                with contextlib.suppress(OSError):
+                    state.replace(state.with_name(state.name + ".old"))
+                log.warning(
+                    "the config's emergency numbers changed: runtime changes set aside in %s.old",
+                    state.name,
+                )
+            log.info("emergency numbers (from the config): %s", ", ".join(numbers))
 
     def _change_trust(
         self, fresh: TrustList, apply: Callable[[KernelFilter], None], *, write: bool = True

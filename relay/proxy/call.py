@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from clearip.relay.config import ProxyConfig
 from clearip.relay.proxy.redirect import Target
 from clearip.relay.shaken import attestation_of
 from clearip.relay.sip.message import Request, Response
@@ -52,6 +53,9 @@ class ProxyCall:
     role: Role
     started: float
     server_key: object
+    # The config when the INVITE arrived: every later decision for this call reads it, so a
+    # reload never changes a call halfway (timeouts, routing, copied headers, timers).
+    config: ProxyConfig
     phase: Phase = Phase.CLEARIP
     emergency: bool = False
     upstream_key: object = None

@@ -141,6 +141,12 @@ class ProxyCore:
         self.latency = LatencyHistogram()
         self.limiter = RateLimiter(config.invite_rate_per_source)
 
+    def use_config(self, config: ProxyConfig) -> None:
+        """A reloaded config: new INVITEs and the proxy-wide checks use it from now on; calls
+        already being set up keep the one they started with (``ProxyCall.config``)."""
+        self.config = config
+        self.limiter.set_rate(config.invite_rate_per_source)
+
     # ------------------------------------------------------------------------------------
     # Introspection
     @property
@@ -319,7 +325,7 @@ class ProxyCore:
             return effects + self._finish_with_own(call, 487, "Request Terminated")
         for branch in live:
             effects += self._cancel_branch(call, branch)
-        effects.append(StartTimer(("call", call.id, "cancel-guard"), 64 * self.config.timers.t1))
+        effects.append(StartTimer(("call", call.id, "cancel-guard"), 64 * call.config.timers.t1))
         return effects
 
     # -- new INVITE --------------------------------------------------------------------------
@@ -375,6 +381,7 @@ class ProxyCore:
             role=role,
             started=self.clock(),
             server_key=key,
+            config=self.config,
         )
         self.calls[call.id] = call
         self.by_server_key[key] = call
@@ -388,15 +395,15 @@ class ProxyCore:
             log.warning(
                 "emergency call %s to %s: bypassing ClearIP (Call-ID %s)",
                 number,
-                self.config.emergency_route or "the switch's direct route (503)",
+                call.config.emergency_route or "the switch's direct route (503)",
                 request.call_id,
             )
-            if not self.config.emergency_route:
+            if not call.config.emergency_route:
                 call.note = "emergency: switch routes directly"
                 return effects + self._finish_with_own(
                     call, 503, "Service Unavailable", reason_text="Emergency call: route directly"
                 )
-            route = parse_uri(self.config.emergency_route)
+            route = parse_uri(call.config.emergency_route)
             assert isinstance(route, SipUri)
             call.targets = [Target(route, 1.0)]
             call.phase = Phase.ROUTING
@@ -425,12 +432,12 @@ class ProxyCore:
         local = self.local_for(upstream)
         out.prepend("Via", via_value(local, stateful_branch(call.request)))
         call.upstream_peer = upstream
-        txn = ClientInviteTransaction(out, reliable=upstream.reliable, timers=self.config.timers)
+        txn = ClientInviteTransaction(out, reliable=upstream.reliable, timers=call.config.timers)
         key = client_key_for(out)
         call.upstream_key = key
         self.client_txns[key] = (txn, upstream, call)
         effects: list[Effect] = [
-            StartTimer(("call", call.id, "upstream"), self.config.upstream_timeout)
+            StartTimer(("call", call.id, "upstream"), call.config.upstream_timeout)
         ]
         return effects + self._client_actions(key, txn.start(), upstream, call)
 
@@ -516,7 +523,7 @@ class ProxyCore:
         effects: list[Effect] = [CancelTimer(("call", call.id, "upstream"))]
         if status == 302:
             redirect = read_redirect(
-                response, self.locality, self.config.copy_headers, self.config.max_contacts
+                response, self.locality, call.config.copy_headers, call.config.max_contacts
             )
             for contact, why in redirect.skipped:
                 log.info("Call-ID %s: Contact %s skipped: %s", call.request.call_id, contact, why)
@@ -567,7 +574,7 @@ class ProxyCore:
         if call.cancelled:
             return effects + self._relay_final(call, response)
         if (
-            status in self.config.route_advance_codes
+            status in call.config.route_advance_codes
             and not call.early_sent
             and len(call.branches) < len(call.targets)
         ):
@@ -642,7 +649,7 @@ class ProxyCore:
         out.prepend("Record-Route", record_route_value(outgoing))
         via = outgoing if outgoing.transport == dest.transport else self.local_for(dest)
         out.prepend("Via", via_value(via, stateful_branch(call.request)))
-        txn = ClientInviteTransaction(out, reliable=dest.reliable, timers=self.config.timers)
+        txn = ClientInviteTransaction(out, reliable=dest.reliable, timers=call.config.timers)
         key = client_key_for(out)
         branch = Branch(target=target, request=out, peer=dest, txn_key=key)
         call.branches.append(branch)
@@ -650,7 +657,7 @@ class ProxyCore:
         effects: list[Effect] = [StartTimer(("call", call.id, "timer-c", index), TIMER_C)]
         if not call.emergency:
             effects.append(
-                StartTimer(("call", call.id, "provider", index), self.config.provider_timeout)
+                StartTimer(("call", call.id, "provider", index), call.config.provider_timeout)
             )
         return effects + self._client_actions(key, txn.start(), dest, call)
 
@@ -659,18 +666,18 @@ class ProxyCore:
             branch.abandoned = True
             return []
         branch.cancelled = True
-        return self._send_cancel(branch.request, branch.peer)
+        return self._send_cancel(branch.request, branch.peer, call)
 
     def _cancel_upstream(self, call: ProxyCall) -> list[Effect]:
         entry = self.client_txns.get(call.upstream_key)
         if entry is None or not call.upstream_provisional or call.upstream_peer is None:
             return []
-        return self._send_cancel(entry[0].request, call.upstream_peer)
+        return self._send_cancel(entry[0].request, call.upstream_peer, call)
 
-    def _send_cancel(self, invite: Request, peer: Peer) -> list[Effect]:
+    def _send_cancel(self, invite: Request, peer: Peer, call: ProxyCall) -> list[Effect]:
         """CANCEL a pending INVITE we sent (§9.1) in its own non-INVITE client transaction."""
         cancel = cancel_for(invite)
-        txn = ClientNonInviteTransaction(cancel, reliable=peer.reliable, timers=self.config.timers)
+        txn = ClientNonInviteTransaction(cancel, reliable=peer.reliable, timers=call.config.timers)
         key = client_key_for(cancel)
         self.client_txns[key] = (txn, peer, None)
         return self._client_actions(key, txn.start(), peer, None)
@@ -718,7 +725,7 @@ class ProxyCore:
         # A client transaction still waiting for its final may never get one (a destination
         # that rang and ignores our CANCEL): forget it later. The others end by their own
         # timers (D, M), so they need no second one.
-        reap_after = 64 * self.config.timers.t1 + 1.0
+        reap_after = 64 * call.config.timers.t1 + 1.0
         for key in [call.upstream_key, *(b.txn_key for b in call.branches)]:
             entry = self.client_txns.get(key) if key is not None else None
             if entry is not None and entry[0].state.name in _AWAITING_FINAL:

@@ -16,6 +16,11 @@ class RateLimiter:
         self.burst = max(1.0, rate)
         self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, updated)
 
+    def set_rate(self, rate: float) -> None:
+        """A new rate (reload); the buckets carry on, capped at the new burst when next used."""
+        self.rate = rate
+        self.burst = max(1.0, rate)
+
     def allow(self, source: str, now: float) -> bool:
         if self.rate <= 0:
             return True

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import ipaddress
 import itertools
@@ -273,6 +274,15 @@ class SipEndpoint:
         # How long the oldest datagram of the latest UDP batch waited in the kernel's queue:
         # the proxy's backlog, which the core uses to shed new INVITEs under overload.
         self.queue_delay = 0.0
+
+    def set_limits(
+        self, *, max_message_size: int, max_connections: int, max_connections_per_source: int
+    ) -> None:
+        """New limits (reload): datagrams and connections accepted from now on use them;
+        connections already open keep the message size they were framed with."""
+        self.limits = dataclasses.replace(self.limits, max_message_size=max_message_size)
+        self.max_connections = max_connections
+        self.max_connections_per_source = max_connections_per_source
 
     # -- listeners ----------------------------------------------------------------------------
     async def listen(self, spec: ListenerSpec) -> tuple[str, int]:

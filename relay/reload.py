@@ -1,0 +1,142 @@
+"""What a reload (SIGHUP, ``clearip-proxy reload``) may change: a pure comparison of two configs.
+
+Settings read per decision (timeouts, routing, limits, emergency numbers, logging) apply to the
+running daemon; settings behind a socket, a kernel program or a ClearIP link (listeners, the
+control socket, metrics, the state directory, the upstreams, ``[xdp]``) need a restart. A
+reload never half-applies: :func:`plan_reload` returns the config to run with (the new file's
+live settings, the running ones for the rest) plus one :class:`Change` per key, for the log and
+for the operator's report. Calls already being set up keep the config they started with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from clearip.relay.config import ProxyConfig
+from clearip.relay.transport.peer import ListenerSpec
+
+# ProxyConfig field -> (its name in the config file, applies without a restart). A nested
+# table (timers, xdp, upstreams) is reported key by key under that name. Fields missing here
+# are treated as needing a restart (the safe side); a unit test keeps the table complete.
+KEYS: dict[str, tuple[str, bool]] = {
+    "listeners": ("listen", False),
+    "trust_file": ("proxy.trust_file", True),
+    "control_socket": ("proxy.control_socket", False),
+    "state_dir": ("proxy.state_dir", False),
+    "upstream_timeout": ("proxy.upstream_timeout", True),
+    "provider_timeout": ("proxy.provider_timeout", True),
+    "route_advance_codes": ("proxy.route_advance_codes", True),
+    "copy_headers": ("proxy.copy_headers", True),
+    "options_when_upstream_down": ("proxy.options_when_upstream_down", True),
+    "max_contacts": ("proxy.max_contacts", True),
+    "max_transactions": ("proxy.max_transactions", True),
+    "max_connections": ("proxy.max_connections", True),
+    "max_connections_per_source": ("proxy.max_connections_per_source", True),
+    "max_message_size": ("proxy.max_message_size", True),
+    "overload_queue_delay": ("proxy.overload_queue_delay", True),
+    "invite_rate_per_source": ("proxy.invite_rate_per_source", True),
+    "outbound": ("upstream.outbound", False),
+    "inbound": ("upstream.inbound", False),
+    "emergency_numbers": ("emergency.numbers", True),
+    "emergency_route": ("emergency.route", True),
+    "timers": ("timers", True),
+    "tls": ("tls", False),
+    "xdp": ("xdp", False),
+    "log_level": ("log.level", True),
+    "log_format": ("log.format", True),
+    "metrics_enabled": ("metrics.enabled", False),
+    "metrics_address": ("metrics.address", False),
+    "metrics_port": ("metrics.port", False),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One key whose value differs between the running config and the file (values rendered
+    the way the config file spells them)."""
+
+    key: str
+    old: str
+    new: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"key": self.key, "old": self.old, "new": self.new}
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadPlan:
+    config: ProxyConfig  # what to run with: the file's live settings, the running ones else
+    live: tuple[Change, ...]  # applied now
+    restart: tuple[Change, ...]  # not applied: the daemon must be restarted for these
+
+    def changes(self, key: str) -> bool:
+        """Whether ``key`` (or a key under it, e.g. ``timers``) is applied by this plan."""
+        return any(c.key == key or c.key.startswith(key + ".") for c in self.live)
+
+
+def plan_reload(old: ProxyConfig, new: ProxyConfig) -> ReloadPlan:
+    """Compare the running config with a freshly validated one (see the module docstring)."""
+    live: list[Change] = []
+    restart: list[Change] = []
+    keep: dict[str, Any] = {}
+    for f in dataclasses.fields(ProxyConfig):
+        before, after = getattr(old, f.name), getattr(new, f.name)
+        if _same(f.name, before, after):
+            continue
+        key, applies = KEYS.get(f.name, (f"proxy.{f.name}", False))
+        changes = list(_diff(key, before, after))
+        (live if applies else restart).extend(changes)
+        if not applies:
+            keep[f.name] = before
+    return ReloadPlan(
+        config=new.with_changes(**keep) if keep else new, live=tuple(live), restart=tuple(restart)
+    )
+
+
+def _same(name: str, before: Any, after: Any) -> bool:
+    if name == "emergency_numbers":  # a set: the order in the file does not matter
+        return sorted(before) == sorted(after)
+    return bool(before == after)
+
+
+def _diff(key: str, before: Any, after: Any) -> Iterable[Change]:
+    """One change per differing key; nested tables are compared key by key."""
+    if dataclasses.is_dataclass(before) and not isinstance(before, ListenerSpec):
+        for f in dataclasses.fields(before):
+            yield from _diff(f"{key}.{f.name}", getattr(before, f.name), getattr(after, f.name))
+    elif before != after:
+        yield Change(key, render(before), render(after))
+
+
+def render(value: Any) -> str:
+    """A value as the config file would spell it (TOML-like, sorted sets)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, ListenerSpec):
+        address = f"[{value.address}]" if ":" in value.address else value.address
+        text = f"{value.transport}:{address}:{value.port}"
+        for name in ("advertise", "certificate", "private_key"):
+            if getattr(value, name):
+                text += f";{name}={getattr(value, name)}"
+        return text
+    if isinstance(value, frozenset | set):
+        return render(sorted(value))
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(render(v) for v in value) + "]"
+    return str(value)
+
+
+def report_lines(result: dict[str, Any]) -> list[str]:
+    """The operator's view of a reload's result (the control command's reply)."""
+    lines = [f"applied  {c['key']}: {c['old']} -> {c['new']}" for c in result.get("live", [])]
+    lines += [
+        f"restart  {c['key']}: {c['old']} -> {c['new']} (not applied: needs a restart)"
+        for c in result.get("restart", [])
+    ]
+    return lines or ["no changes"]
