@@ -167,7 +167,9 @@ def core() -> ProxyCore:
         role_of=lambda ip: Role.SWITCH if ip.startswith("192.0.2.") else Role.PROVIDER,
         emergency=lambda: EmergencyNumbers(["911"]),
         locality=Locality(hosts={"203.0.113.5"}, ports={5060}),
-        local_for=lambda transport, host: LocalAddress(transport, "203.0.113.5", 5060),
+        local_for=lambda peer, record_route=False: LocalAddress(
+            peer.transport, "203.0.113.5", 5060
+        ),
         upstream=lambda role: CLEARIP,
         clock=lambda: 0.0,
     )

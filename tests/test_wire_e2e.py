@@ -334,3 +334,37 @@ def test_tls_to_clearip_without_a_tls_listener_says_tls(tmp_path: Path) -> None:
             host, port = clearip.peers[0]
             assert clearip.vias[0].startswith(f"SIP/2.0/TLS {host}:{port};branch=z9hG4bKcip")
             assert proxy.wait_idle() == (0, 0)
+
+
+def test_contacts_are_sorted_by_q_before_max_contacts_cuts(tmp_path: Path) -> None:
+    """ClearIP lists the worst Contact first; with max_contacts = 1 the best one is called."""
+    proxy_port, clearip_port = free_port(), free_port("tcp")
+    a_port, b_port = free_port(host=PROVIDER_A_IP), free_port(host=PROVIDER_B_IP)
+    contacts = (
+        f"Contact: <sip:{DIALLED}@{PROVIDER_A_IP}:{a_port}>;q=0.1, "
+        f"<sip:{DIALLED}@{PROVIDER_B_IP}:{b_port}>;q=0.9"
+    )
+    config = write_config(
+        tmp_path,
+        port=proxy_port,
+        upstream=f"sip:127.0.0.1:{clearip_port};transport=tcp",
+        extra="",
+    )
+    config.write_text(config.read_text().replace("[proxy]\n", "[proxy]\nmax_contacts = 1\n", 1))
+    with (
+        sipp_uas(
+            tmp_path, "clearip", clearip_scenario(302, [], headers=[contacts]),
+            local=("127.0.0.1", clearip_port), transport="t1",
+        ),
+        sipp_uas(tmp_path, "a", uas_scenario(200), local=(PROVIDER_A_IP, a_port)) as a,
+        sipp_uas(tmp_path, "b", uas_scenario(200), local=(PROVIDER_B_IP, b_port)) as b,
+        threaded_proxy(config) as proxy,
+    ):  # fmt: skip
+        switch = start_sipp(
+            tmp_path, "switch", uac_scenario(200), local=(SWITCH_IP, free_port()),
+            remote=("127.0.0.1", proxy_port), service=DIALLED,
+        )  # fmt: skip
+        assert switch.wait(30) == 0, switch.messages[-3000:]
+        assert b.received("INVITE "), "the q=0.9 Contact was not called"
+        assert not a.received("INVITE "), "the q=0.1 Contact was called"
+        assert proxy.wait_idle() == (0, 0)

@@ -70,6 +70,11 @@ class Locality:
         port = via.port or DEFAULT_PORTS.get(via.transport.lower(), 5060)
         return host in self.hosts and port in self.ports
 
+    def via_host_is_us(self, via: Via) -> bool:
+        """Our address, whatever the port: a Via for a transport we have no listener for
+        names a connection's own port or the transport's default (see local_for)."""
+        return (via.host[1:-1] if via.host.startswith("[") else via.host) in self.hosts
+
 
 def via_value(local: LocalAddress, branch: str, conn: int | None = None) -> str:
     value = f"SIP/2.0/{local.transport.upper()} {local.hostport()};branch={branch}"
@@ -124,7 +129,7 @@ def response_next_hop(response: Response, locality: Locality) -> tuple[Response,
     except SipParseError:
         return None
     branch = ours.branch or ""
-    if not branch.startswith(STATELESS_PREFIX) or not locality.via_is_us(ours):
+    if not branch.startswith(STATELESS_PREFIX) or not locality.via_host_is_us(ours):
         return None
     cid = ours.param("cid")
     response.pop_first_value("via")
