@@ -21,6 +21,8 @@ BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
 
 BPF_ANY = 0
 
@@ -173,6 +175,14 @@ def prog_info(fd: int) -> ProgInfo:
         run_time_ns=u64(_RUN_TIME_NS) if length >= _RUN_CNT else 0,
         run_cnt=u64(_RUN_CNT) if length >= _RUN_CNT + 8 else 0,
     )
+
+
+def enable_stats() -> int:
+    """Count run time and runs of every program while the returned fd is open (5.8+); the
+    same as kernel.bpf_stats_enabled=1 without a setting left behind."""
+    attr = _attr()
+    _put(attr, 0, ctypes.c_uint32, BPF_STATS_RUN_TIME)
+    return _bpf(BPF_ENABLE_STATS, attr)
 
 
 def _info_by_fd(fd: int, info: ctypes.Array[ctypes.c_char]) -> int:

@@ -38,6 +38,7 @@ Failure
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import platform
@@ -169,20 +170,23 @@ class WorkerSteering:
     def register(self, sock: socket.socket, worker: int, *, emergency: bool = False) -> int:
         """Put ``sock`` (bound, SO_REUSEPORT, owned by this process) in worker's normal or
         emergency slot, replacing what was there; returns the slot. The kernel empties the
-        slot when the socket closes."""
+        slot when the socket closes. A socket sits in one slot at most: registering it again
+        in its slot does nothing, in another slot is refused (EBUSY)."""
         _check_udp(sock)
         slot = self.slot(worker, emergency=emergency)
+        fd = self._fd(self._socks_fd)
+        key = slot.to_bytes(4, "little")
         try:
-            bpfmaps.update(
-                self._fd(self._socks_fd),
-                slot.to_bytes(4, "little"),
-                sock.fileno().to_bytes(8, "little"),
-            )
+            bpfmaps.update(fd, key, sock.fileno().to_bytes(8, "little"))
         except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                if bpfmaps.lookup(fd, key, 8) == socket_cookie(sock).to_bytes(8, "little"):
+                    return slot
+                why = "it is in another slot (unregister it there first)"
+            else:
+                why = "it must be a bound UDP socket with SO_REUSEPORT, owned by this process"
             raise OSError(
-                exc.errno,
-                f"cannot register the socket in slot {slot}: {exc.strerror} "
-                "(it must be a bound UDP socket with SO_REUSEPORT)",
+                exc.errno, f"cannot register the socket in slot {slot}: {exc.strerror} ({why})"
             ) from None
         return slot
 
@@ -210,9 +214,14 @@ class WorkerSteering:
                 setattr(self, name, None)
 
 
-def detach(sock: socket.socket) -> None:
-    """Remove the steering program from ``sock``'s reuseport group (kernel hash again)."""
-    sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+def detach(sock: socket.socket) -> bool:
+    """Remove the program from ``sock``'s reuseport group (the kernel's hash again); False
+    when the group had none."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def socket_cookie(sock: socket.socket) -> int:
@@ -324,7 +333,8 @@ class ReuseportSteering(WorkerSteering):
         }
 
     def run_stats(self) -> tuple[int, int]:
-        """(runs, total ns) of the program, counted while kernel.bpf_stats_enabled is 1."""
+        """(runs, total ns) of the program, counted while kernel.bpf_stats_enabled is 1 or a
+        :func:`clearip.bpf.bpfmaps.enable_stats` fd is open."""
         info = bpfmaps.prog_info(self.prog_fd)
         return info.run_cnt, info.run_time_ns
 
