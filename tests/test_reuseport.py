@@ -11,6 +11,7 @@ in two child processes that register themselves through the pinned maps, as work
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import random
 import select
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clearip.bpf import steering
@@ -395,9 +396,7 @@ def test_an_empty_slot_falls_back_and_counts_until_the_worker_is_back(
 
 @pytest.mark.root
 @pytest.mark.xdp
-@settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=300, deadline=None)
 @given(
     call_id=st.text(alphabet=WORD, min_size=1, max_size=40)
     | st.integers(120, 200).flatmap(lambda n: st.text(alphabet=WORD, min_size=n, max_size=n)),
@@ -472,9 +471,7 @@ _PIECES = st.sampled_from(
 
 @pytest.mark.root
 @pytest.mark.xdp
-@settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=300, deadline=None)
 @given(
     pieces=st.lists(_PIECES, max_size=40),
     lead=st.sampled_from(["", "INVITE sip:911@h SIP/2.0\r\n", "SIP/2.0 200 OK\r\n"]),
@@ -618,6 +615,34 @@ def test_a_reload_reuses_the_pinned_maps_and_registrations(
         finally:
             again.set_emergency(EMERGENCY)
             again.close()
+
+
+@pytest.mark.root
+@pytest.mark.xdp
+def test_a_socket_sits_in_one_slot_and_bad_sockets_are_refused(loaded: ReuseportSteering) -> None:
+    with steered_group(loaded, 2, emergency=False, senders=1) as group:
+        first, second = group.sockets
+        assert first is not None and second is not None
+        assert loaded.register(first, 0) == 0  # again in its own slot: nothing changes
+        with pytest.raises(OSError, match="in another slot") as raised:
+            loaded.register(first, 1)
+        assert raised.value.errno == errno.EBUSY
+        assert loaded.slots() == {0: socket_cookie(first), 1: socket_cookie(second)}
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as loose,
+            pytest.raises(OSError, match="bound UDP socket with SO_REUSEPORT"),
+        ):
+            loaded.register(loose, 1)  # not bound
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
+            pytest.raises(ValueError, match="UDP"),
+        ):
+            loaded.register(tcp, 1)
+        with pytest.raises(ValueError, match="worker must be 0 to 1"):
+            loaded.register(first, 2)
+        assert loaded.unregister(1) is True
+        assert loaded.unregister(1) is False
+        assert loaded.slots() == {0: socket_cookie(first)}
 
 
 def test_a_worker_without_a_loaded_program_is_told_what_to_do(tmp_path: Path) -> None:
