@@ -6,9 +6,9 @@ A reuseport group of ``--workers`` UDP sockets on 127.0.0.1 (one per worker, all
 process) receives datagrams sent from 32 source ports, in batches: ``--batch`` sendto calls,
 then recv on every socket until the batch is in. Three payloads:
 
-- short:   a 450-byte INVITE, Call-ID in its 6th line (about 200 bytes in: the common case)
-- long:    a 1,300-byte message whose Call-ID comes after 1,000 bytes of headers
-- none:    a 1,300-byte message without a Call-ID (the whole 1,400-byte window is scanned)
+- short:   a 573-byte INVITE, Call-ID in its 6th line (about 200 bytes in: the common case)
+- long:    a 1,703-byte INVITE whose Call-ID comes after 1,200 bytes of headers
+- none:    a 1,651-byte INVITE without a Call-ID (the whole 1,400-byte window is scanned)
 
 For each it prints datagrams/s without the program (the kernel's hash), with it, and their
 ratio; then the program's own cost per datagram as the kernel measures it (BPF_ENABLE_STATS:

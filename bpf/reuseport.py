@@ -18,7 +18,11 @@ Worker k (no bcc: bpf(2) on the pinned objects)
     socket was closed), ``register(sock, k)`` and ``register(esock, k, emergency=True)``, then
     ``close()`` the handle (the registrations stay until the sockets close). A restarted worker
     does the same; while it is away its slots are empty and its calls fall back to the
-    kernel's hash (counted fallback_empty_slot), so any other worker may get them.
+    kernel's hash (counted fallback_empty_slot), so any other worker may get them. The
+    kernel's hash (every fallback) may pick any socket of the group, emergency ones included:
+    a worker reads both of its sockets, the emergency one first. Workers need CAP_BPF and
+    access to /sys/fs/bpf for bpf(2); without them the supervisor can bind and register the
+    sockets itself and hand them down (registering needs the socket's fd in the caller).
 
 Pins (``pin_dir``, default /sys/fs/bpf/clearip-reuseport, outside the XDP filter's directory,
 whose loader removes whatever it does not know)
@@ -57,7 +61,6 @@ SOURCE = Path(__file__).with_name("reuseport.c")
 DEFAULT_PIN_DIR = "/sys/fs/bpf/clearip-reuseport"
 BPF_PROG_TYPE_SK_REUSEPORT = 21
 BPF_MAP_TYPE_REUSEPORT_SOCKARRAY = 20
-BPF_MAP_TYPE_PERCPU_ARRAY = 6
 SO_ATTACH_REUSEPORT_EBPF = 52
 SO_DETACH_REUSEPORT_BPF = 68
 SO_COOKIE = 57
@@ -306,7 +309,8 @@ class ReuseportSteering(WorkerSteering):
 
     # -- maps ----------------------------------------------------------------------------------
     def set_workers(self, workers: int) -> None:
-        """The divisor of the Call-ID hash; slots of workers beyond it are no longer chosen."""
+        """The divisor of the Call-ID hash. Emergency slots are N + k, so after a change
+        every worker registers its sockets again (calls move to their new owners)."""
         value = _check_workers(workers).to_bytes(4, "little")
         bpfmaps.update(self._fd(self._config_fd), bytes(4), value)
 
