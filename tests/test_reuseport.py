@@ -654,7 +654,6 @@ def test_a_worker_without_a_loaded_program_is_told_what_to_do(tmp_path: Path) ->
 
 
 def test_bad_arguments_are_refused_before_anything_loads() -> None:
-
     with pytest.raises(ValueError, match="workers"):
         ReuseportSteering.load(workers=0, pin_dir="/nonexistent")
     with pytest.raises(ValueError, match="emergency number"):
