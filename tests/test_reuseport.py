@@ -211,7 +211,6 @@ def call_ids(count: int, seed: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pin_dir() -> Iterator[str]:
-
     path = f"/sys/fs/bpf/cip-test-{unique_tag()}-reuseport"
     try:
         yield path
@@ -221,7 +220,6 @@ def pin_dir() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def loaded(pin_dir: str) -> Iterator[ReuseportSteering]:
-
     handle = ReuseportSteering.load(workers=4, emergency=EMERGENCY, pin_dir=pin_dir)
     try:
         yield handle
@@ -252,7 +250,6 @@ def steered_group(
 
 
 def counters(loaded: ReuseportSteering) -> Counter[str]:
-
     return Counter(loaded.counters())
 
 
@@ -646,7 +643,6 @@ def test_a_socket_sits_in_one_slot_and_bad_sockets_are_refused(loaded: Reuseport
 
 
 def test_a_worker_without_a_loaded_program_is_told_what_to_do(tmp_path: Path) -> None:
-
     with pytest.raises(SteeringUnavailable) as raised:
         WorkerSteering.open(tmp_path / "nothing")
     assert "no steering program pinned" in raised.value.reason
