@@ -58,6 +58,9 @@ PROBE_PREFIX = MAGIC_COOKIE + "cio"
 
 
 class UpstreamLink:
+    """One ClearIP upstream (outbound, or inbound when it differs): ``peer`` while up, else
+    None (the core then fails calls open at once)."""
+
     def __init__(
         self,
         name: str,
@@ -168,14 +171,15 @@ class UpstreamLink:
         self._logged_failure = ""
         if up.first and up.attempts <= 1:
             log.info("ClearIP %s upstream up: %s", self.name, self.peer)
-        else:
-            log.info(
-                "ClearIP %s upstream up again after %.1f s, %d attempt(s): %s",
-                self.name,
-                up.down_for,
-                up.attempts,
-                self.peer,
-            )
+            return
+        log.info(
+            "ClearIP %s upstream up%s after %.1f s, %d attempt(s): %s",
+            self.name,
+            "" if up.first else " again",
+            up.down_for,
+            up.attempts,
+            self.peer,
+        )
 
     def _went_down(self, down: Down) -> None:
         was = self.peer
