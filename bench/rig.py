@@ -510,7 +510,9 @@ def start_clearip_standin(
         workdir,
         SIPP_ANCHORS / "uas_clearip_302.xml",
         ports.clearip,
-        args=[*transport, "-key", "c1", f"{HOST}:{ports.carrier}", "-key", "c2",
+        # -aa: answer the relay's OPTIONS liveness probes (a UDP upstream counts as down
+        # after two unanswered probes).
+        args=[*transport, "-aa", "-key", "c1", f"{HOST}:{ports.carrier}", "-key", "c2",
          f"{HOST}:{ports.carrier2}"],
     )  # fmt: skip
     wait_port(ports.clearip, socket.SOCK_STREAM if upstream == "tcp" else socket.SOCK_DGRAM)

@@ -35,6 +35,8 @@ class UpstreamConfig:
     server_name: str = ""
     verify: bool = True
     keepalive_interval: float = 20.0
+    # Proof of life (RFC 5626 §4.4.1: 10 s) expected after each keep-alive, else the link is down.
+    keepalive_timeout: float = 10.0
 
     @property
     def sip_uri(self) -> SipUri:
@@ -223,6 +225,9 @@ def _upstream(table: dict[str, Any], prefix: str, base: UpstreamConfig) -> Upstr
         verify=r.get("verify", bool, base.verify, "use true or false"),
         keepalive_interval=r.positive(
             "keepalive_interval", base.keepalive_interval, "use seconds > 0"
+        ),
+        keepalive_timeout=r.positive(
+            "keepalive_timeout", base.keepalive_timeout, "use seconds > 0 (RFC 5626 uses 10)"
         ),
     )
     r.finish()

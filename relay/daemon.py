@@ -29,6 +29,7 @@ from clearip.relay.proxy.effects import CallFinished, CancelTimer, Effect, Send,
 from clearip.relay.proxy.routing import Locality
 from clearip.relay.reload import Change, plan_reload
 from clearip.relay.sdnotify import Notifier, watchdog, watchdog_interval
+from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.parser import Limits
 from clearip.relay.trace import Subscriber
@@ -37,7 +38,7 @@ from clearip.relay.transport.endpoint import SipEndpoint
 from clearip.relay.transport.peer import LocalAddress, Peer
 from clearip.relay.transport.tls import ClientTls
 from clearip.relay.trust import Role, TrustError, TrustList
-from clearip.relay.upstream import UpstreamLink
+from clearip.relay.upstream import PROBE_PREFIX, UpstreamLink
 
 log = logging.getLogger("clearip.daemon")
 _NO_IPV6 = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT}
@@ -126,7 +127,7 @@ class Daemon:
     def _is_trusted(self, host: str) -> bool:
         if self.trust.role_of(host) is not None:
             return True
-        return any(link.peer is not None and link.peer.host == host for link in self.links.values())
+        return any(link.sends_from(host) for link in self.links.values())
 
     def _local_for(self, peer: Peer, *, record_route: bool = False) -> LocalAddress:
         return self.endpoint.local_for(
@@ -134,10 +135,22 @@ class Daemon:
         )
 
     def _upstream_peer(self, role: Role) -> Peer | None:
-        return self.links[role].peer
+        link = self.links[role]
+        peer = link.peer
+        if peer is None:
+            link.kick()  # a call needs ClearIP: try to reconnect now rather than after back-off
+        return peer
 
     def _on_message(self, message: Request | Response, peer: Peer) -> None:
+        if isinstance(message, Response) and _answers_probe(message):
+            self._probe_answered(message, peer)
+            return
         self._apply(self.core.on_message(message, peer))
+
+    def _probe_answered(self, response: Response, peer: Peer) -> None:
+        """A response to a UDP link's OPTIONS probe: the link's business, not the core's."""
+        if not any(link.probe_answered(response, peer) for link in set(self.links.values())):
+            self.counters["stray_response"] += 1
 
     def _on_send_error(self, message: Message, peer: Peer, reason: str) -> None:
         self._apply(self.core.on_send_error(message, peer, reason))
@@ -456,6 +469,15 @@ class Daemon:
         for link in set(self.links.values()):
             await link.close()
         await self.endpoint.close()
+
+
+def _answers_probe(response: Response) -> bool:
+    """Whether the top Via branch is a ClearIP link's OPTIONS probe (one check per response)."""
+    try:
+        branch = response.top_via.branch
+    except SipParseError:
+        return False  # the core counts it
+    return branch is not None and branch.startswith(PROBE_PREFIX)
 
 
 def _host_addresses() -> set[str]:

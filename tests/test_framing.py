@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from clearip.relay.sip.errors import LimitExceeded, SipParseError
-from clearip.relay.sip.framing import PING, StreamFramer
+from clearip.relay.sip.framing import PING, PONG_RECEIVED, StreamFramer
 from clearip.relay.sip.parser import Limits
 
 MSG = (
@@ -33,8 +33,26 @@ def test_keepalive_ping_and_pong() -> None:
     framer = StreamFramer()
     assert framer.feed(b"\r\n\r\n") == [PING]
     assert framer.feed(b"\r\n") == []  # could be half a ping: held
-    assert framer.feed(MSG) == [MSG]  # ...it was a pong
+    assert framer.pending == 0  # ...but it is no message: no deadline runs for it
+    assert framer.feed(MSG) == [PONG_RECEIVED, MSG]  # ...it was a pong
     assert framer.feed(b"\r\n\r\n" + MSG) == [PING, MSG]
+
+
+def test_pong_after_our_ping_is_reported_at_once() -> None:
+    """After we ping (RFC 5626 §4.4.1) the next CRLF is the pong: reported without waiting for
+    more bytes, and two pongs in a row are two pongs, never a ping to answer."""
+    framer = StreamFramer()
+    framer.expect_pong()
+    assert framer.feed(b"\r\n") == [PONG_RECEIVED]
+    assert framer.pending == 0
+    framer.expect_pong()
+    assert framer.feed(b"\r") == []
+    assert framer.feed(b"\n") == [PONG_RECEIVED]
+    framer.expect_pong()
+    assert framer.feed(b"\r\n" + MSG) == [PONG_RECEIVED, MSG]
+    # Not expecting one: the same CRLF is held, and with a second it is a ping.
+    assert framer.feed(b"\r\n") == []
+    assert framer.feed(b"\r\n") == [PING]
 
 
 def test_missing_content_length_breaks_the_stream() -> None:

@@ -35,7 +35,7 @@ from typing import cast
 
 from clearip.relay.sip.badrequest import build_bad_request
 from clearip.relay.sip.errors import SipParseError
-from clearip.relay.sip.framing import PONG, Ping, StreamFramer
+from clearip.relay.sip.framing import PING_BYTES, PONG, Ping, StreamFramer
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.parser import DEFAULT_LIMITS, Limits, parse_message
 from clearip.relay.transport.peer import (
@@ -142,6 +142,8 @@ class StreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = Peer(transport_name, "", 0, self.id)
         self.last_activity = time.monotonic()
+        # When the peer last sent anything (a pong, a message): the ClearIP link's proof of life.
+        self.last_received = 0.0
         self.deadline: asyncio.TimerHandle | None = None
         self.closed = False
         self.sockname: tuple[str, int] | None = None  # our end: (address, port)
@@ -161,7 +163,7 @@ class StreamConnection(asyncio.Protocol):
         self.endpoint.register(self)
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = time.monotonic()
+        self.last_activity = self.last_received = time.monotonic()
         endpoint = self.endpoint
         try:
             items = self.framer.feed(data)
@@ -171,11 +173,17 @@ class StreamConnection(asyncio.Protocol):
             self.close()
             return
         for item in items:
-            if isinstance(item, Ping):
-                self.write(PONG)
-            else:
+            if isinstance(item, bytes):
                 endpoint.message_received(item, self.peer, datagram=False)
+            elif isinstance(item, Ping):
+                self.write(PONG)
+            # A Pong needs nothing more: last_received above is the proof of life.
         self._arm_deadline()
+
+    def ping(self) -> bool:
+        """Send an RFC 5626 keep-alive ping; the peer's next CRLF is read as its pong."""
+        self.framer.expect_pong()
+        return self.write(PING_BYTES)
 
     def _arm_deadline(self) -> None:
         if self.framer.pending and self.deadline is None:
