@@ -236,7 +236,11 @@ def test_via_names_the_transport_of_each_leg(tmp_path: Path) -> None:
     )
     with (
         sipp_uas(
-            tmp_path, "clearip-udp", clearip_scenario(503), local=("127.0.0.1", clearip_port)
+            tmp_path,
+            "clearip-udp",
+            clearip_scenario(503),
+            local=("127.0.0.1", clearip_port),
+            extra=["-aa"],  # answers the relay's OPTIONS liveness probes
         ) as clearip_udp,
         threaded_proxy(config) as proxy,
     ):

@@ -719,7 +719,8 @@ def test_daemon_with_filter_and_without(topo: Topology, tmp_path: Path) -> None:
                     s.settimeout(1.0)
                     options = (
                         f"OPTIONS sip:p@{topo.proxy_addrs[host][0]} SIP/2.0\r\n"
-                        f"Via: SIP/2.0/UDP {topo.hosts[host].ipv4}:5099;branch=z9hG4bK{host}\r\n"
+                        f"Via: SIP/2.0/UDP {topo.hosts[host].ipv4}:5099;rport"
+                        f";branch=z9hG4bK{host}\r\n"
                         f"From: <sip:a@b>;tag=1\r\nTo: <sip:p@q>\r\nCall-ID: {host}\r\n"
                         "CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
                     ).encode()
