@@ -539,6 +539,15 @@ def test_reply_after_the_origin_connection_has_gone(rig: Rig, tmp_path: Path) ->
             other.endpoint.send(ok(message), stale)
             await until(lambda: holder.counters["handoff_write_no_connection"] == 1)
             assert other.counters["handoff_write_sent"] == 1
+            # A cid altered by the next hop names no connection: sent as without one.
+            handoff = other.endpoint._handoff
+            assert handoff is not None
+            for odd in (
+                Peer("tcp", "h" * 300, 5060, remote_conn(holder.index, gone)),
+                Peer("sctp", HOST, 5060, remote_conn(holder.index, gone)),
+                Peer("tcp", HOST, 5060, remote_conn(99, gone)),
+            ):
+                assert not handoff.write(odd, b"x")
             # Nothing broke: a new connection is still served by both.
             reader3, writer3 = await asyncio.open_connection(HOST, rig.port)
             for worker in workers:

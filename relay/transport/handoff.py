@@ -411,7 +411,12 @@ class Handoff:
         worker, conn = where
         if worker >= self.workers:
             return False
-        raw = encode(Packet(Kind.WRITE, worker, conn, peer.transport, peer.host, peer.port, data))
+        try:
+            raw = encode(
+                Packet(Kind.WRITE, worker, conn, peer.transport, peer.host, peer.port, data)
+            )
+        except ValueError:  # a cid echoed back altered, on a Via naming another transport
+            return False
         if not self.channel.send(worker, raw):
             self.counters["handoff_write_failed"] += 1
             return False
@@ -424,7 +429,7 @@ class Handoff:
         if packet.kind is Kind.MESSAGE:
             conn = remote_conn(packet.worker, packet.conn)
             if self._closed and conn in self._closed:
-                del self._closed[conn]  # ids are reused after a restart
+                del self._closed[conn]  # an id reused (a restarted worker's random base)
             self.counters["handoff_received"] += 1
             peer = Peer(packet.transport, packet.host, packet.port, conn)
             endpoint.message_received(packet.data, peer, datagram=False)
