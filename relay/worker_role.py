@@ -25,10 +25,11 @@ class WorkerRole:
     steering_pin_dir: str = ""  # "" = no kernel steering (the kernel's 4-tuple hash spreads)
 
     def steering_dir(self, spec: ListenerSpec) -> str:
-        """The pin directory of the steering program for one UDP listener ("" = none)."""
+        """The pin directory of the steering program for one UDP listener ("" = none).
+        bpffs refuses names holding a dot (EPERM), so the address is spelled with '_'."""
         if not self.steering_pin_dir:
             return ""
-        address = spec.address.replace(":", "_") or "any"
+        address = spec.address.replace(":", "_").replace(".", "_") or "any"
         return str(Path(self.steering_pin_dir) / f"{spec.transport}-{address}-{spec.port}")
 
     def control_path(self, index: int | None = None) -> str:

@@ -13,6 +13,12 @@ It also enforces what must be enforced before any parsing:
 UDP is read with ``recvmsg`` in batches so the IP TOS / IPv6 traffic class is visible: datagrams
 the kernel filter marked DSCP EF (emergency INVITEs) are handled first within each batch.
 Outbound stream connections are reused per peer (RFC 5923 style) and idle ones are closed.
+
+As one of several worker processes (a :class:`WorkerRole`, issue #16) every listener is bound
+with SO_REUSEPORT; each UDP listener joins the Call-ID steering program and gets a second
+"emergency" socket on the same address, drained before every batch of the normal one; and a
+message read on an inbound stream connection goes to the worker owning its Call-ID
+(:mod:`handoff`). Without a role none of this costs anything per message.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import functools
 import ipaddress
 import itertools
 import logging
+import secrets
 import socket
 import ssl
 import struct
@@ -31,13 +38,14 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from clearip.relay.sip.badrequest import build_bad_request
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.framing import PING_BYTES, PONG, Ping, StreamFramer
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.parser import DEFAULT_LIMITS, Limits, parse_message
+from clearip.relay.transport.handoff import LOCAL_CONN_LIMIT, Handoff
 from clearip.relay.transport.peer import (
     STREAM_TRANSPORTS,
     ListenerSpec,
@@ -46,6 +54,9 @@ from clearip.relay.transport.peer import (
     response_peer,
 )
 from clearip.relay.transport.tls import ClientTls, FailureLog, failure_reason
+
+if TYPE_CHECKING:  # worker_role imports this package
+    from clearip.relay.worker_role import WorkerRole
 
 log = logging.getLogger("clearip.transport")
 
@@ -95,6 +106,30 @@ def _queue_delay(ancdata: list[tuple[int, int, bytes]]) -> float:
     return 0.0
 
 
+def _bind_udp(family: int, address: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A bound, non-blocking UDP listener socket (SO_REUSEPORT: one of a worker group)."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVTCLASS, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, _IP_RECVTOS, 1)
+        with contextlib.suppress(OSError):  # arrival times: the overload signal
+            sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        sock.bind((address, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 class _UdpSocket:
     """One bound UDP socket, read in batches with the TOS byte of each datagram."""
 
@@ -103,8 +138,12 @@ class _UdpSocket:
         self.sock = sock
         self.local = local
         self.family = sock.family
+        # A worker's emergency socket on the same address (steering): read before each batch.
+        self.emergency: _UdpSocket | None = None
 
     def on_readable(self) -> None:
+        if self.emergency is not None:
+            self.emergency.on_emergency_readable()
         batch: list[tuple[bytes, Peer, bool]] = []
         sock = self.sock
         for index in range(_UDP_BATCH):
@@ -125,6 +164,23 @@ class _UdpSocket:
             batch.sort(key=lambda item: not item[2])
         for data, peer, _ in batch:
             self.endpoint.datagram_received(data, peer, self)
+
+    def on_emergency_readable(self) -> None:
+        """The emergency socket: everything on it is first in line (as if marked DSCP EF),
+        each handled as soon as read; its wait is not the overload signal (queue_delay)."""
+        endpoint = self.endpoint
+        sock = self.sock
+        for _ in range(_UDP_BATCH):
+            try:
+                data, address = sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                endpoint.counters["udp_recv_error"] += 1
+                log.debug("UDP receive error: %s", exc)
+                break
+            endpoint.counters["udp_emergency_received"] += 1
+            endpoint.datagram_received(data, Peer("udp", address[0], address[1]), self)
 
     def sendto(self, data: bytes, host: str, port: int) -> None:
         self.sock.sendto(data, (host, port))
@@ -147,6 +203,9 @@ class StreamConnection(asyncio.Protocol):
         self.deadline: asyncio.TimerHandle | None = None
         self.closed = False
         self.sockname: tuple[str, int] | None = None  # our end: (address, port)
+        # Workers: messages of an inbound connection go to their call's owner (handoff.py).
+        self.handoff = endpoint._handoff if inbound else None
+        self.handed_to: set[int] = set()  # the workers that got some
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses but behave like them.
@@ -172,9 +231,11 @@ class StreamConnection(asyncio.Protocol):
             log.info("closing %s: %s", self.peer, exc.reason)
             self.close()
             return
+        handoff = self.handoff
         for item in items:
             if isinstance(item, bytes):
-                endpoint.message_received(item, self.peer, datagram=False)
+                if handoff is None or not handoff.forward(item, self):
+                    endpoint.message_received(item, self.peer, datagram=False)
             elif isinstance(item, Ping):
                 self.write(PONG)
             # A Pong needs nothing more: last_received above is the proof of life.
@@ -246,6 +307,7 @@ class SipEndpoint:
         max_connections_per_source: int = 64,
         message_deadline: float = 10.0,
         idle_timeout: float = 600.0,
+        worker: WorkerRole | None = None,
     ) -> None:
         self.handler = handler
         self.limits = limits
@@ -265,7 +327,12 @@ class SipEndpoint:
         self.max_write_buffer = 1024 * 1024
         self.message_deadline = message_deadline
         self.idle_timeout = idle_timeout
-        self.conn_ids = itertools.count(1)
+        # A worker's ids start at random: another worker may still hold the id of a connection
+        # of this worker's previous life (a Via cid, handoff.remote_conn), so no reuse.
+        self.worker = worker
+        first_id = 1 if worker is None else 1 + secrets.randbelow(1 << 30)
+        self.conn_ids = itertools.count(first_id)
+        self._handoff: Handoff | None = None
         self.connections: dict[int, StreamConnection] = {}
         self._by_address: dict[tuple[str, str, int], StreamConnection] = {}
         self._per_source: Counter[str] = Counter()
@@ -297,30 +364,27 @@ class SipEndpoint:
         loop = asyncio.get_running_loop()
         transport = spec.transport.lower()
         family = socket.AF_INET6 if ":" in spec.address else socket.AF_INET
+        worker = self.worker
         if transport == "udp":
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVTCLASS, 1)
-            else:
-                sock.setsockopt(socket.IPPROTO_IP, _IP_RECVTOS, 1)
-            with contextlib.suppress(OSError):  # arrival times: the overload signal
-                sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-            try:
-                sock.bind((spec.address, spec.port))
-            except OSError:
-                sock.close()
-                raise
-            sock.setblocking(False)
+            sock = _bind_udp(family, spec.address, spec.port, reuse_port=worker is not None)
             bound = sock.getsockname()[:2]
             local = LocalAddress("udp", spec.advertise or bound[0], bound[1])
             udp = _UdpSocket(self, sock, local)
+            pin_dir = worker.steering_dir(spec) if worker is not None else ""
+            if pin_dir:
+                try:
+                    udp.emergency = self._join_steering(udp, pin_dir)
+                except BaseException:
+                    sock.close()
+                    raise
+                loop.add_reader(udp.emergency.sock, udp.emergency.on_emergency_readable)
             loop.add_reader(sock, udp.on_readable)
             self._udp.append(udp)
         elif transport in STREAM_TRANSPORTS:
+            if worker is not None and worker.count > 1 and self._handoff is None:
+                handoff = Handoff(self, worker)
+                handoff.open()
+                self._handoff = handoff
             context = None
             if transport == "tls":
                 context = self.tls_server
@@ -337,6 +401,7 @@ class SipEndpoint:
                 family=family,
                 ssl=context,
                 reuse_address=True,
+                reuse_port=True if worker is not None else None,
                 backlog=1024,
             )
             self._servers.append(server)
@@ -348,6 +413,47 @@ class SipEndpoint:
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_idle())
         return bound[0], bound[1]
+
+    def _join_steering(self, udp: _UdpSocket, pin_dir: str) -> _UdpSocket:
+        """Join the steering program pinned at ``pin_dir`` (loaded by the supervisor) with the
+        normal socket and a new emergency socket on the same address (returned).
+        Raises SteeringUnavailable saying what failed and how to fix it."""
+        from clearip.bpf.reuseport import SteeringUnavailable, WorkerSteering
+
+        assert self.worker is not None
+        index = self.worker.index
+        host, port = udp.sock.getsockname()[:2]
+        where = f"UDP listener {udp.local.hostport()} (worker {index}, steering at {pin_dir})"
+        try:
+            esock = _bind_udp(udp.family, host, port, reuse_port=True)
+        except OSError as exc:
+            raise SteeringUnavailable(
+                f"{where}: cannot bind the emergency socket: {exc}",
+                "check that every socket on that port is bound with SO_REUSEPORT by the same user",
+            ) from None
+        try:
+            steering = WorkerSteering.open(pin_dir)
+            try:
+                steering.attach(udp.sock)
+                steering.register(udp.sock, index)
+                steering.register(esock, index, emergency=True)
+            finally:
+                steering.close()
+        except SteeringUnavailable as exc:
+            esock.close()
+            raise SteeringUnavailable(f"{where}: {exc.reason}", exc.fix) from None
+        except ValueError as exc:  # the program was loaded for fewer workers
+            esock.close()
+            raise SteeringUnavailable(
+                f"{where}: {exc}", "load the program with workers = the worker count"
+            ) from None
+        except OSError as exc:
+            esock.close()
+            raise SteeringUnavailable(
+                f"{where}: cannot join the steering program: {exc}",
+                "run the worker as root (CAP_BPF, CAP_NET_ADMIN) with /sys/fs/bpf readable",
+            ) from None
+        return _UdpSocket(self, esock, udp.local)
 
     def local_for(
         self,
@@ -472,6 +578,8 @@ class SipEndpoint:
         key = (conn.name, conn.peer.host, conn.peer.port)
         if self._by_address.get(key) is conn:
             del self._by_address[key]
+        if conn.handed_to and self._handoff is not None:
+            self._handoff.connection_closed(conn)
         if self.on_connection_lost is not None:
             self.on_connection_lost(conn.peer)
 
@@ -582,6 +690,14 @@ class SipEndpoint:
             return
         conn = self.connections.get(peer.conn) if peer.conn is not None else None
         if conn is None or conn.closed:
+            # Another worker's connection (a message it handed over): it writes for us.
+            if (
+                self._handoff is not None
+                and peer.conn is not None
+                and peer.conn >= LOCAL_CONN_LIMIT
+                and self._handoff.write(peer, data)
+            ):
+                return
             conn = self._by_address.get((peer.transport, peer.host, peer.port))
         if conn is not None and conn.write(data):
             return
@@ -601,6 +717,8 @@ class SipEndpoint:
         conn = self.connections.get(peer.conn) if peer.conn is not None else None
         if conn is not None:
             conn.write(data)
+        elif self._handoff is not None and peer.conn is not None:
+            self._handoff.write(peer, data)
 
     def _sendto(self, data: bytes, peer: Peer) -> bool:
         want_v6 = ":" in peer.host
@@ -649,6 +767,9 @@ class SipEndpoint:
         for udp in self._udp:
             loop.remove_reader(udp.sock)
             udp.sock.close()
+            if udp.emergency is not None:
+                loop.remove_reader(udp.emergency.sock)
+                udp.emergency.sock.close()
         self._udp.clear()
         for server in self._servers:
             server.close()
@@ -658,3 +779,7 @@ class SipEndpoint:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         self._servers.clear()
+        if self._handoff is not None:
+            await asyncio.sleep(0)  # the connections' losses first: they tell the owners
+            self._handoff.close()
+            self._handoff = None
