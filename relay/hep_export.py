@@ -69,6 +69,11 @@ class HepExporter:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.config.transport}:{host}:{self.port}"
 
+    @property
+    def paused(self) -> bool:
+        """True while a TCP collector is not taking what is sent (its socket is full)."""
+        return self._stream is not None and self._stream.paused
+
     # -- the call path ---------------------------------------------------------------------
     def offer(
         self,
