@@ -247,7 +247,10 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def _chunk(kind: int, value: bytes) -> bytes:
-    return CHUNK.pack(GENERIC_VENDOR, kind, CHUNK.size + len(value)) + value
+    length = CHUNK.size + len(value)
+    if length > MAX_LENGTH - HEADER.size:
+        raise HepError(f"{len(value)} bytes in one chunk: a HEP3 packet holds at most {MAX_LENGTH}")
+    return CHUNK.pack(GENERIC_VENDOR, kind, length) + value
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
