@@ -36,6 +36,8 @@ from clearip.relay.hep_export import HepExporter
 from clearip.relay.reload import plan_reload
 from clearip.relay.sip.message import Message
 from clearip.relay.sip.parser import parse_message
+from clearip.relay.transport.endpoint import SipEndpoint
+from clearip.relay.transport.peer import ListenerSpec, Peer
 from tests.proxy_harness import (
     PROVIDER_A_IP,
     SWITCH_IP,
@@ -495,6 +497,44 @@ def test_exporter_collector_that_never_reads(monkeypatch: pytest.MonkeyPatch) ->
         server.close()
         for conn in accepted:
             conn.close()
+
+
+def test_our_end_is_the_real_socket_address_not_the_advertised_one() -> None:
+    """HEP shows addresses as a capture on this host would: a listener's `advertise` (the
+    public address behind 1:1 NAT) is for Via and Record-Route, not for the copies; a
+    wildcard listener is resolved to the address the route to the peer leaves from."""
+
+    async def run() -> None:
+        endpoint = SipEndpoint(lambda message, peer: None)
+        try:
+            _, port = await endpoint.listen(ListenerSpec("udp", "127.0.0.1", 0, "203.0.113.5"))
+            peer = Peer("udp", PROVIDER_A_IP, 5060)
+            assert endpoint.local_for("udp", PROVIDER_A_IP).host == "203.0.113.5"
+            assert endpoint.local_address(peer) == ("127.0.0.1", port)
+            server = await asyncio.start_server(lambda r, w: None, PROVIDER_A_IP, 0)
+            try:
+                far = server.sockets[0].getsockname()[1]
+                connected = await endpoint.connect(Peer("tcp", PROVIDER_A_IP, far))
+                conn = endpoint.connections[connected.conn]  # type: ignore[index]
+                assert conn.sockname is not None
+                assert endpoint.local_address(connected) == conn.sockname
+                assert endpoint.local_address(connected.without_conn()) == conn.sockname
+            finally:
+                server.close()
+        finally:
+            await endpoint.close()
+        wildcard = SipEndpoint(lambda message, peer: None)
+        try:
+            _, port = await wildcard.listen(ListenerSpec("udp", "0.0.0.0", 0))
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((PROVIDER_A_IP, 9))
+                route_source = probe.getsockname()[0]
+            peer = Peer("udp", PROVIDER_A_IP, 5060)
+            assert wildcard.local_address(peer) == (route_source, port)
+        finally:
+            await wildcard.close()
+
+    asyncio.run(run())
 
 
 # -- the real daemon: a whole call, every leg ------------------------------------------------
