@@ -136,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--call-id", help="only this Call-ID")
     trace.add_argument("--number", help="only messages mentioning this number")
     trace.add_argument("--pcap", metavar="FILE", help="write a pcap (Wireshark, sngrep)")
+    trace.add_argument(
+        "--hep",
+        metavar="HOST:PORT",
+        help="send each message as HEPv3 over UDP to a collector (Homer, sngrep -L)",
+    )
+    trace.add_argument(
+        "--hep-capture-id", type=int, default=1, metavar="N", help="HEP capture agent id"
+    )
+    trace.add_argument("--hep-password", default="", help="the collector's HEP password")
     trace.add_argument("--seconds", type=float, help="stop after this long (default: Ctrl-C)")
     xdp = sub.add_parser("xdp", help="the kernel filter").add_subparsers(
         dest="action", required=True
@@ -236,6 +245,12 @@ def _print_trust(entries: list[dict[str, str]], args: argparse.Namespace) -> int
 def trace(args: argparse.Namespace) -> int:
     from clearip.relay.trace import PCAP_HEADER, pcap_record, render_text
 
+    hep = None
+    if args.hep:
+        try:
+            hep = _HepSender(args.hep, args.hep_capture_id, args.hep_password)
+        except ValueError as exc:
+            return _error(f"--hep {args.hep}: {exc}", EXIT_INVALID)
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(args.socket)
@@ -265,10 +280,12 @@ def trace(args: argparse.Namespace) -> int:
                 break
             item = json.loads(line)
             count += 1
+            if hep is not None:
+                hep.send(item)
             if pcap is not None:
                 pcap.write(pcap_record(item))
                 pcap.flush()
-            else:
+            elif hep is None:
                 print(render_text(item), flush=True)
     except (TimeoutError, KeyboardInterrupt):
         pass
@@ -277,7 +294,55 @@ def trace(args: argparse.Namespace) -> int:
         if pcap is not None:
             pcap.close()
             print(f"{count} messages written to {args.pcap}", file=sys.stderr)
+        if hep is not None:
+            hep.sock.close()
+            failed = f" ({hep.failed} could not be sent)" if hep.failed else ""
+            print(f"{hep.sent} messages sent as HEP to {args.hep}{failed}", file=sys.stderr)
     return EXIT_OK
+
+
+class _HepSender:
+    """clearipctl trace --hep: each trace record as one HEPv3 datagram (Call-ID correlated)."""
+
+    def __init__(self, address: str, capture_id: int, password: str) -> None:
+        from clearip.relay.hep import parse_address
+
+        if not 0 <= capture_id <= 0xFFFFFFFF:
+            raise ValueError(f"capture id {capture_id}: use 0 to 4294967295")
+        host, port = parse_address(address)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise ValueError(f"cannot resolve {host}: {exc}") from None
+        family, kind, proto, _, target = infos[0]
+        self.sock = socket.socket(family, kind, proto)
+        self.target = target
+        self.capture_id = capture_id
+        self.password = password.encode("utf-8")
+        self.sent = self.failed = 0
+
+    def send(self, item: dict[str, Any]) -> None:
+        from clearip.relay.hep import HepError, encode, record_for
+
+        try:
+            data = encode(
+                record_for(
+                    item["direction"],
+                    item["transport"],
+                    (item["local"][0], item["local"][1]),
+                    (item["remote"][0], item["remote"][1]),
+                    item["time"],
+                    payload=str(item["text"]).encode("utf-8", "replace"),
+                    correlation_id=item.get("call_id") or "",
+                    capture_id=self.capture_id,
+                    password=self.password,
+                )
+            )
+            self.sock.sendto(data, self.target)
+        except (HepError, OSError):
+            self.failed += 1
+            return
+        self.sent += 1
 
 
 def xdp_detach(args: argparse.Namespace, client: Client) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from clearip.relay.emergency import DEFAULT_NUMBERS, validate_number
+from clearip.relay.hep import parse_address
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.transaction.timers import TimerSettings
 from clearip.relay.sip.uri import SipUri, parse_uri
@@ -77,6 +78,25 @@ class XdpConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HepConfig:
+    """HEPv3 copies of every SIP message for a Homer collector (``address`` "" = off)."""
+
+    address: str = ""  # "host:port"
+    transport: str = "udp"
+    capture_id: int = 1
+    password: str = field(default="", repr=False)
+    queue_limit: int = 10000
+
+    @property
+    def host(self) -> str:
+        return parse_address(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_address(self.address)[1]
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyConfig:
     listeners: tuple[ListenerSpec, ...] = (
         ListenerSpec("udp", "0.0.0.0", 5060),
@@ -106,6 +126,7 @@ class ProxyConfig:
     emergency_route: str = ""
     timers: TimerSettings = field(default_factory=TimerSettings)
     xdp: XdpConfig = field(default_factory=XdpConfig)
+    hep: HepConfig = field(default_factory=HepConfig)
     log_level: str = "info"
     log_format: str = "text"
     metrics_enabled: bool = True
@@ -250,6 +271,36 @@ def _tls(table: dict[str, Any]) -> TlsConfig:
     return tls
 
 
+def _hep(table: dict[str, Any]) -> HepConfig:
+    r = _Reader(table, "hep")
+    address = r.get(
+        "address", str, "", 'use "host:port" of the collector, e.g. "10.0.0.5:9060" ("" = off)'
+    ).strip()
+    if address:
+        try:
+            parse_address(address)
+        except ValueError as exc:
+            raise ConfigError(f"hep.address = {address!r} is invalid: {exc}") from None
+    transport = r.get("transport", str, "udp", "use udp or tcp").lower()
+    if transport not in ("udp", "tcp"):
+        raise ConfigError(f"hep.transport = {transport!r} is invalid: use udp or tcp")
+    capture_id = r.get("capture_id", int, 1, "use a whole number from 0 to 4294967295")
+    if not 0 <= capture_id <= 0xFFFFFFFF:
+        raise ConfigError(
+            f"hep.capture_id = {capture_id} is invalid: use a whole number from 0 to 4294967295"
+        )
+    password = r.get("password", str, "", 'use the collector\'s password ("" = none)')
+    if len(password.encode("utf-8")) > 1024:
+        raise ConfigError("hep.password is invalid: use at most 1024 bytes")
+    queue_limit = r.get("queue_limit", int, 10000, "use a whole number of records, e.g. 10000")
+    if queue_limit <= 0:
+        raise ConfigError(
+            f"hep.queue_limit = {queue_limit} is invalid: use a whole number of records > 0"
+        )
+    r.finish()
+    return HepConfig(address, transport, capture_id, password, queue_limit)
+
+
 def config_from_data(data: dict[str, Any]) -> ProxyConfig:
     top = _Reader(data, "")
     for name in (
@@ -260,6 +311,7 @@ def config_from_data(data: dict[str, Any]) -> ProxyConfig:
         "emergency",
         "timers",
         "xdp",
+        "hep",
         "log",
         "metrics",
     ):
@@ -387,6 +439,7 @@ def config_from_data(data: dict[str, Any]) -> ProxyConfig:
     return config.with_changes(
         timers=timers,
         xdp=xdp,
+        hep=_hep(_table(data, "hep")),
         log_level=level,
         log_format=fmt,
         metrics_enabled=metrics_enabled,

@@ -22,6 +22,7 @@ from clearip.relay.config import ConfigError, ProxyConfig, load_config
 from clearip.relay.control import ControlServer
 from clearip.relay.emergency import EmergencyNumbers
 from clearip.relay.gcpolicy import run_policy, start_policy
+from clearip.relay.hep_export import HepExporter
 from clearip.relay.metrics import MetricsServer, registry_for
 from clearip.relay.policy import PolicyError, SourcePolicy
 from clearip.relay.proxy.core import ProxyCore
@@ -67,6 +68,7 @@ class Daemon:
         self.trust = self.policy.trust
         self.control: ControlServer | None = None
         self.trace_subscribers: list[Subscriber] = []
+        self.hep: HepExporter | None = None  # [hep]: started by start(), replaced by a reload
         self.counters: Counter[str] = Counter()
         self.started = time.time()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -215,6 +217,7 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self._start_hep()
         for spec in self.config.listeners:
             try:
                 host, port = await self.endpoint.listen(spec)
@@ -344,6 +347,8 @@ class Daemon:
         )
         if plan.changes("log"):
             apply_logging(config.log_level, config.log_format)
+        if plan.changes("hep"):
+            self._start_hep()
         live = list(plan.live)
         after = [(e.cidr, e.role, e.note) for e in self.trust]
         if after != before:
@@ -381,25 +386,36 @@ class Daemon:
     def subscribe_trace(self, subscriber: Subscriber) -> Callable[[], None]:
         """Start tracing for one client; the returned function stops it."""
         self.trace_subscribers.append(subscriber)
-        self.endpoint.tracer = self._trace
+        self._update_tracer()
 
         def unsubscribe() -> None:
             if subscriber in self.trace_subscribers:
                 self.trace_subscribers.remove(subscriber)
-            if not self.trace_subscribers:
-                self.endpoint.tracer = None  # tracing off: no cost per message
+            self._update_tracer()
 
         return unsubscribe
 
+    # -- HEP export and the endpoint's one tracer (relay/hep_export.py) -----------------------
+    def _start_hep(self) -> None:
+        """Start (or, after a reload, replace or stop) the HEP exporter for ``[hep]``."""
+        if self.hep is not None:
+            self.hep.stop()
+            self.hep = None
+        if self.config.hep.address:
+            self.hep = HepExporter(self.config.hep, self.counters)
+            self.hep.start()
+        self._update_tracer()
+
+    def _update_tracer(self) -> None:
+        """The endpoint calls one tracer; it is installed only while someone consumes it (a
+        live trace, HEP), so with neither a message costs nothing extra."""
+        wanted = bool(self.trace_subscribers) or self.hep is not None
+        self.endpoint.tracer = self._trace if wanted else None
+
     def _trace(self, direction: str, message: Message, peer: Peer) -> None:
-        local: tuple[str, int]
-        conn = self.endpoint.connections.get(peer.conn) if peer.conn is not None else None
-        if conn is not None and conn.transport is not None:
-            name = conn.transport.get_extra_info("sockname") or ("0.0.0.0", 0)
-            local = (str(name[0]), int(name[1]))
-        else:
-            address = self.endpoint.local_for(peer.transport, peer.host)
-            local = (address.host, address.port)
+        local = self.endpoint.local_address(peer)
+        if self.hep is not None:
+            self.hep.offer(direction, message, peer.transport, local, (peer.host, peer.port))
         item = None
         for subscriber in self.trace_subscribers:
             if not subscriber.wants(message):
@@ -469,6 +485,8 @@ class Daemon:
         for link in set(self.links.values()):
             await link.close()
         await self.endpoint.close()
+        if self.hep is not None:
+            await self.hep.close()
 
 
 def _answers_probe(response: Response) -> bool:

@@ -46,12 +46,17 @@ KEYS: dict[str, tuple[str, bool]] = {
     "timers": ("timers", True),
     "tls": ("tls", False),
     "xdp": ("xdp", False),
+    "hep": ("hep", True),  # the exporter is replaced: a new collector gets the next message
     "log_level": ("log.level", True),
     "log_format": ("log.format", True),
     "metrics_enabled": ("metrics.enabled", False),
     "metrics_address": ("metrics.address", False),
     "metrics_port": ("metrics.port", False),
 }
+
+
+# Keys whose values never appear in a reload report or the log.
+SECRETS = frozenset(("hep.password",))
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +114,14 @@ def _diff(key: str, before: Any, after: Any) -> Iterable[Change]:
         for f in dataclasses.fields(before):
             yield from _diff(f"{key}.{f.name}", getattr(before, f.name), getattr(after, f.name))
     elif before != after:
-        yield Change(key, render(before), render(after))
+        if key in SECRETS:  # logged and shown by clearipctl: say that it changed, not to what
+            yield Change(key, _secret(before), _secret(after))
+        else:
+            yield Change(key, render(before), render(after))
+
+
+def _secret(value: Any) -> str:
+    return '"***"' if value else '""'
 
 
 def render(value: Any) -> str:

@@ -18,6 +18,11 @@ from clearip.relay.metrics import LatencyHistogram, registry_for
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "packaging" / "grafana" / "clearip-proxy-dashboard.json"
 RULES = ROOT / "packaging" / "prometheus" / "clearip-proxy-alerts.yml"
+RULE_TESTS = ROOT / "packaging" / "prometheus" / "tests"
+# Metrics the alerts and the dashboard use that /metrics does not export yet: the counters
+# table of issue #19 exports them. The other checks skip them until then; the xfail below
+# turns into a failure (strict) the day they are exported, so this set is emptied then.
+PENDING = {"clearip_overload_shed_total"}
 
 
 def exported_names() -> set[str]:
@@ -57,14 +62,14 @@ def test_every_dashboard_query_names_an_exported_metric() -> None:
         for target in panel["targets"]:
             tokens = _metric_tokens(target["expr"])
             assert tokens, f"{panel['title']}: query names no clearip metric"
-            assert tokens <= names, f"{panel['title']}: unknown {tokens - names}"
+            assert tokens - PENDING <= names, f"{panel['title']}: unknown {tokens - names}"
 
 
 def test_alert_rules_name_exported_metrics_and_explain_themselves() -> None:
     names = exported_names()
     text = RULES.read_text()
     tokens = _metric_tokens(text)
-    assert tokens and tokens <= names, f"unknown metrics {tokens - names}"
+    assert tokens and tokens - PENDING <= names, f"unknown metrics {tokens - names}"
     alerts = re.findall(r"- alert: (\w+)", text)
     assert {
         "ClearIPProxyDown",
@@ -73,18 +78,66 @@ def test_alert_rules_name_exported_metrics_and_explain_themselves() -> None:
         "ClearIPLatencyHigh",
         "ClearIPKernelDropsSurge",
         "ClearIPEmergencyCallsWhileDown",
+        "ClearIPOverloadShedding",
+        "ClearIPRateLimiting",
+        "ClearIPLinkFlapping",
     } <= set(alerts)
     assert text.count("description:") == len(alerts)
 
 
-def test_promtool_accepts_the_rules() -> None:
+@pytest.mark.xfail(
+    strict=True,
+    reason="clearip_overload_shed_total is exported by the counters table of issue #19 "
+    "(the lead's part): then empty PENDING and drop this marker",
+)
+def test_pending_metrics_are_exported() -> None:
+    names = exported_names()
+    text = RULES.read_text() + DASHBOARD.read_text()
+    assert PENDING & _metric_tokens(text) == PENDING, "PENDING names a metric nothing uses"
+    assert names >= PENDING, f"not exported yet: {PENDING - names}"
+
+
+def _promtool() -> str:
     promtool = shutil.which("promtool")
     if promtool is None:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("CI=true but promtool is missing (apt-get install prometheus)")
         pytest.skip("promtool not installed: apt-get install prometheus")
+    return promtool
+
+
+def test_promtool_accepts_the_rules() -> None:
     result = subprocess.run(
-        [promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
+        [_promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout
+
+
+def test_promtool_unit_tests_of_the_alerts() -> None:
+    """Each alert fires on the traffic it is about and stays quiet below its threshold
+    (packaging/prometheus/tests)."""
+    files = sorted(RULE_TESTS.glob("*.yml"))
+    assert files, RULE_TESTS
+    result = subprocess.run(
+        [_promtool(), "test", "rules", *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("SUCCESS") == len(files), result.stdout
+    fires, quiet = set(), set()
+    for case in re.split(r"alertname: ", "".join(f.read_text() for f in files))[1:]:
+        name = case.split()[0]
+        expected = re.split(r"\n\s*- (?:eval_time|interval):", case)[0]
+        (fires if "exp_labels:" in expected else quiet).add(name)
+    wanted = {
+        "ClearIPOverloadShedding",
+        "ClearIPRateLimiting",
+        "ClearIPLinkFlapping",
+        "ClearIPKernelDropsSurge",
+        "ClearIPFailOpenRate",
+    }
+    assert wanted <= fires, f"never expected to fire: {wanted - fires}"
+    assert wanted <= quiet, f"never expected to stay quiet: {wanted - quiet}"

@@ -140,6 +140,8 @@ class _UdpSocket:
         self.family = sock.family
         # A worker's emergency socket on the same address (steering): read before each batch.
         self.emergency: _UdpSocket | None = None
+        name = sock.getsockname()
+        self.bound = (str(name[0]), int(name[1]))  # the real address (``local`` may advertise)
 
     def on_readable(self) -> None:
         if self.emergency is not None:
@@ -492,6 +494,27 @@ class SipEndpoint:
             host = self._source_address_for(remote_host)
             return LocalAddress(chosen.transport, host, chosen.port)
         return chosen
+
+    def local_address(self, peer: Peer) -> tuple[str, int]:
+        """Our end of the path to or from ``peer`` as a capture on this host would show it
+        (traces, HEP): a connection's own address for TCP/TLS; for UDP the address the socket
+        the relay uses for the peer's family is bound to (a wildcard resolved by the route)."""
+        if peer.transport == "udp":
+            want_v6 = ":" in peer.host
+            for udp in self._udp:
+                if (udp.family == socket.AF_INET6) == want_v6:
+                    host, port = udp.bound
+                    if host in ("0.0.0.0", "::") and is_ip(peer.host):
+                        host = self._source_address_for(peer.host)
+                    return host, port
+        else:
+            conn = self.connections.get(peer.conn) if peer.conn is not None else None
+            if conn is None:
+                conn = self._by_address.get((peer.transport, peer.host, peer.port))
+            if conn is not None and conn.sockname is not None:
+                return conn.sockname
+        address = self.local_for(peer.transport, peer.host, peer.conn)
+        return address.host, address.port
 
     def _source_address_for(self, remote_host: str) -> str:
         """The address the kernel would send from towards ``remote_host`` (cached)."""
