@@ -28,7 +28,8 @@ class WorkerRole:
         """The pin directory of the steering program for one UDP listener ("" = none)."""
         if not self.steering_pin_dir:
             return ""
-        address = spec.address.replace(":", "_") or "any"
+        # bpffs refuses names with a dot (EPERM): 127.0.0.1 -> 127_0_0_1, :: -> __.
+        address = spec.address.replace(":", "_").replace(".", "_") or "any"
         return str(Path(self.steering_pin_dir) / f"{spec.transport}-{address}-{spec.port}")
 
     def control_path(self, index: int | None = None) -> str:
