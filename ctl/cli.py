@@ -340,9 +340,45 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(report_lines(result)))
     elif args.command == "top-dropped":
         print(table([[a, str(c)] for a, c in result], ["SOURCE", "DROPPED"]) if result else "none")
+    elif isinstance(result, dict) and isinstance(result.get("per_worker"), dict):
+        print(_workers_view(args.command, result))
     else:
         print(table(_flatten(result), ["WHAT", "VALUE"]))
     return EXIT_OK
+
+
+def _workers_view(command: str, result: dict[str, Any]) -> str:
+    """A supervisor's answer (workers > 1): the totals, then one column or row per worker."""
+    per_worker: dict[str, dict[str, Any]] = result["per_worker"]
+    rest = {k: v for k, v in result.items() if k != "per_worker"}
+    indexes = sorted(per_worker, key=int)
+    if command == "stats":
+        relay = rest.pop("relay", {})
+        names = sorted(set(relay).union(*(per_worker[i] for i in indexes)))
+        rows = [
+            [name, str(relay.get(name, 0)), *(str(per_worker[i].get(name, 0)) for i in indexes)]
+            for name in names
+        ]
+        counters = table(rows, ["COUNTER", "TOTAL", *(f"WORKER {i}" for i in indexes)])
+        return counters + "\n\n" + table(_flatten(rest), ["WHAT", "VALUE"])
+    rows = []
+    for i in indexes:
+        view = per_worker[i]
+        upstreams = view.get("upstreams") or {}
+        rows.append(
+            [
+                i,
+                str(view.get("pid") or "-"),
+                str(view.get("state")),
+                str(view.get("restarts", 0)),
+                str(view.get("active_calls", "-")),
+                str(view.get("active_transactions", "-")),
+                str(view.get("connections", "-")),
+                ", ".join(f"{role} {state}" for role, state in upstreams.items()) or "-",
+            ]
+        )
+    headers = ["WORKER", "PID", "STATE", "RESTARTS", "CALLS", "TRANSACTIONS", "CONNECTIONS"]
+    return table(_flatten(rest), ["WHAT", "VALUE"]) + "\n\n" + table(rows, [*headers, "CLEARIP"])
 
 
 def trust(args: argparse.Namespace, client: Client) -> int:
