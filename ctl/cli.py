@@ -41,7 +41,8 @@ EPILOG = """exit codes:
      top-dropped, reload, trace)
 
 trust commands work on --trust-file when the daemon is not running (and say so); the change
-then applies at the next start. xdp detach works with or without the daemon.
+then applies at the next start. xdp detach works with or without the daemon; steering
+remove only with the daemon stopped.
 """
 
 
@@ -153,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="interface to detach from (default: xdp.interfaces)",
     )
+    steering = sub.add_parser(
+        "steering", help="the kernel program steering calls to worker processes"
+    ).add_subparsers(dest="action", required=True)
+    unpin = steering.add_parser(
+        "remove", help="unpin the steering program and its maps (with the service stopped)"
+    )
+    unpin.add_argument(
+        "--config",
+        default="/etc/clearip-proxy/proxy.toml",
+        help="read proxy.steering_pin_dir from this config",
+    )
+    unpin.add_argument("--pin-dir", help="pinned program and maps (default: from the config)")
     return parser
 
 
@@ -308,12 +321,39 @@ def xdp_detach(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
+def steering_remove(args: argparse.Namespace, client: Client) -> int:
+    """Unpin the steering program (package erase): its workers must be gone, since a worker
+    started afterwards would find nothing to join."""
+    from clearip.bpf.reuseport import remove_pins
+    from clearip.relay.config import DEFAULT_STEERING_PIN_DIR, ConfigError, load_config
+
+    try:
+        client.call("status")
+    except DaemonDown:
+        pass
+    else:
+        return _error("clearip-proxy is running: stop it first (systemctl stop clearip-proxy)", 1)
+    pin_dir = args.pin_dir
+    if not pin_dir and Path(args.config).exists():
+        try:
+            pin_dir = load_config(args.config).steering_pin_dir
+        except ConfigError as exc:
+            print(f"clearipctl: {exc}: using {DEFAULT_STEERING_PIN_DIR}", file=sys.stderr)
+    pin_dir = pin_dir or DEFAULT_STEERING_PIN_DIR
+    existed = Path(pin_dir).exists()
+    remove_pins(pin_dir)
+    print(f"steering program {'unpinned: ' + pin_dir + ' removed' if existed else 'not pinned'}")
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "trace":
         return trace(args)
     client = Client(args.socket)
     if args.command == "xdp":
         return xdp_detach(args, client)
+    if args.command == "steering":
+        return steering_remove(args, client)
     if args.command == "trust":
         return trust(args, client)
     try:

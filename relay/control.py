@@ -23,6 +23,13 @@ Commands and their fields (results in brackets):
                                              "restart": [...]}] (re-reads the config and trust
                                              files; a bad one: invalid, nothing changed)
     trace          call_id?, number?        (a stream of records; see relay/trace.py)
+
+With worker processes the supervisor answers on this socket (status, stats and trace cover
+every worker: see relay/supervisor.py) and asks each worker on a private one, where a worker
+also answers (and refuses trust.*, emergency.add/remove and xdp.detach, the supervisor's):
+    snapshot                                [what relay/metrics.py reads, as JSON]
+    policy.set     trust, emergency          [{"changed", "trust_entries"}] (the supervisor's
+                                             trust list and numbers, in memory)
 """
 
 from __future__ import annotations

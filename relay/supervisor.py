@@ -352,6 +352,8 @@ class Supervisor:
         kernel = self.policy.kernel
         if kernel is not None and hasattr(kernel, "close"):
             kernel.close()  # the filter stays attached: the host stays protected
+        with contextlib.suppress(OSError):
+            (self.run_dir / BASE_CONFIG).unlink()
         self.notifier.close()
 
     # -- one worker -------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -555,6 +556,21 @@ def _invite(call_id: str, local: tuple[str, int], proxy_port: int) -> bytes:
     ).encode()
 
 
+def _options(proxy_port: int, call_id: str) -> None:
+    """An OPTIONS for the relay itself from the switch's address (the answer is not read)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((SWITCH_IP, 0))
+        host, port = sock.getsockname()
+        sock.sendto(
+            f"OPTIONS sip:127.0.0.1:{proxy_port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP {host}:{port};branch=z9hG4bK-{call_id}-{time.monotonic_ns()}\r\n"
+            f"From: <sip:switch@{host}>;tag=o\r\nTo: <sip:127.0.0.1>\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
+            "Content-Length: 0\r\n\r\n".encode(),
+            ("127.0.0.1", proxy_port),
+        )
+
+
 def _time_to_final(proxy_port: int, call_id: str) -> tuple[int, float]:
     """Send one INVITE from the switch's address; the final's status and how long it took
     (the final is ACKed)."""
@@ -582,7 +598,8 @@ def _time_to_final(proxy_port: int, call_id: str) -> tuple[int, float]:
 @_marked(*E2E)
 def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
     """A reload (SIGHUP to the supervisor) changes upstream_timeout in every worker: a call
-    owned by each of them fails open after the new timeout, not the old one."""
+    owned by each of them fails open after the new timeout, not the old one. The trace of
+    the supervisor merges the workers' traces."""
     clearip_port = free_port("tcp")
     upstream = f"sip:127.0.0.1:{clearip_port};transport=tcp"
     with (
@@ -604,10 +621,15 @@ def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
                 10,
                 f"worker {index} reloaded",
             )
-        for index in range(2):
-            call_id = next(f"hup-{n}" for n in range(1000) if worker_for(f"hup-{n}", 2) == index)
-            status, elapsed = _time_to_final(relay.port, call_id)
-            assert status == 503 and 0.4 <= elapsed < 1.2, (index, status, elapsed)
+        with _tracing(relay) as records:
+            call_ids = []
+            for index in range(2):
+                call_id = next(f"hup-{n}" for n in range(99) if worker_for(f"hup-{n}", 2) == index)
+                status, elapsed = _time_to_final(relay.port, call_id)
+                assert status == 503 and 0.4 <= elapsed < 1.2, (index, status, elapsed)
+                call_ids.append(call_id)
+            # One trace (the supervisor's socket) shows the calls of both workers.
+            wait_for(lambda: {r["call_id"] for r in records} >= set(call_ids), 5, "traced")
         reload = subprocess.run(
             [sys.executable, "-m", "clearip.relay.cli", "reload", "--config", str(relay.config)],
             capture_output=True, text=True, check=False,
@@ -616,38 +638,86 @@ def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
         assert relay.wait_idle(20) == (0, 0)
 
 
+@contextlib.contextmanager
+def _tracing(relay: Relay) -> Iterator[list[dict[str, Any]]]:
+    """``trace`` on the supervisor's socket: the records it streams, as they come."""
+    records: list[dict[str, Any]] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(relay.dir / "control.sock"))
+        sock.sendall(b'{"cmd": "trace"}\n')
+        stream = sock.makefile("rb")
+        assert json.loads(stream.readline())["ok"]
+
+        def read() -> None:
+            with contextlib.suppress(OSError, ValueError):
+                for line in stream:
+                    records.append(json.loads(line))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        # The supervisor subscribes to each worker: ping each until its trace flows.
+        for index in range(relay.workers):
+            ping = next(
+                f"ping-{n}" for n in range(99) if worker_for(f"ping-{n}", relay.workers) == index
+            )
+            deadline = time.monotonic() + 10
+            while ping not in {r["call_id"] for r in records}:
+                assert time.monotonic() < deadline, f"no trace from worker {index}"
+                _options(relay.port, ping)
+                time.sleep(0.2)
+        yield records
+        sock.shutdown(socket.SHUT_RDWR)
+    reader.join(5)
+
+
 @_marked(*STEERING, pytest.mark.slow)
 def test_trust_and_emergency_changes_reach_every_worker(tmp_path: Path) -> None:
     """clearipctl talks to the supervisor: it writes the trust file and the emergency state
     once, updates the steering program's emergency map, and every worker takes the change;
-    a worker's own socket refuses to change them."""
+    a worker's own socket refuses to change them. ``clearipctl steering remove`` unpins the
+    program once the service is stopped."""
     from clearip.bpf import bpfmaps, syscall
+    from clearip.bpf.reuseport import remove_pins
 
-    with supervised(tmp_path, 2, "sip:127.0.0.1:9;transport=tcp") as relay:
-        ctl = [sys.executable, "-m", "clearip.ctl.cli", "--socket", str(tmp_path / "control.sock")]
-        for args in (
-            ["trust", "add", "192.0.2.0/24", "--role", "provider"],
-            ["emergency", "add", "112"],
-        ):
-            done = subprocess.run([*ctl, *args], capture_output=True, text=True, check=False)
-            assert done.returncode == 0, done.stderr
-        for index in range(2):
-            trust = relay.ask_worker(index, "trust.list")["result"]
-            assert {"cidr": "192.0.2.0/24", "role": "provider", "note": ""} in trust
-            assert "112" in relay.ask_worker(index, "emergency.list")["result"]
-            refused = relay.ask_worker(index, "trust.add", cidr="198.51.100.0/24", role="switch")
-            assert not refused["ok"] and "supervisor" in refused["error"]
-        assert (tmp_path / "trust.toml").read_text().count("192.0.2.0/24") == 1
-        assert '"112"' in (tmp_path / "emergency.toml").read_text()
-        (maps,) = Path(relay.pins).glob("udp-*/maps-*")
-        fd = syscall.obj_get(str(maps / "emergency"))
-        try:
-            numbers = {k.rstrip(b"\0").decode() for k in bpfmaps.keys(fd, 16)}
-        finally:
-            os.close(fd)
-        assert numbers == {"112", "911", "933"}
-        status = relay.ask("status")
-        assert status["trust_entries"] == 4 and "112" in status["emergency_numbers"]
+    pins = f"/sys/fs/bpf/cip-test-{unique_tag()}-workers"
+    ctl = [sys.executable, "-m", "clearip.ctl.cli", "--socket", str(tmp_path / "control.sock")]
+    unpin = [*ctl, "steering", "remove", "--pin-dir", pins]
+    try:
+        with supervised(tmp_path, 2, "sip:127.0.0.1:9;transport=tcp", pins=pins) as relay:
+            for args in (
+                ["trust", "add", "192.0.2.0/24", "--role", "provider"],
+                ["emergency", "add", "112"],
+            ):
+                done = subprocess.run([*ctl, *args], capture_output=True, text=True, check=False)
+                assert done.returncode == 0, done.stderr
+            for index in range(2):
+                trust = relay.ask_worker(index, "trust.list")["result"]
+                assert {"cidr": "192.0.2.0/24", "role": "provider", "note": ""} in trust
+                assert "112" in relay.ask_worker(index, "emergency.list")["result"]
+                refused = relay.ask_worker(
+                    index, "trust.add", cidr="198.51.100.0/24", role="switch"
+                )
+                assert not refused["ok"] and "supervisor" in refused["error"]
+            assert (tmp_path / "trust.toml").read_text().count("192.0.2.0/24") == 1
+            assert '"112"' in (tmp_path / "emergency.toml").read_text()
+            (maps,) = Path(relay.pins).glob("udp-*/maps-*")
+            fd = syscall.obj_get(str(maps / "emergency"))
+            try:
+                numbers = {k.rstrip(b"\0").decode() for k in bpfmaps.keys(fd, 16)}
+            finally:
+                os.close(fd)
+            assert numbers == {"112", "911", "933"}
+            status = relay.ask("status")
+            assert status["trust_entries"] == 4 and "112" in status["emergency_numbers"]
+            # The package's erase unpins the program, never under a running service.
+            running = subprocess.run(unpin, capture_output=True, text=True, check=False)
+            assert running.returncode == 1 and "stop it first" in running.stderr
+            assert Path(relay.pins).exists()
+        stopped = subprocess.run(unpin, capture_output=True, text=True, check=False)
+        assert stopped.returncode == 0 and "removed" in stopped.stdout, stopped.stderr
+        assert not Path(relay.pins).exists()
+    finally:
+        remove_pins(pins)
 
 
 @_marked(pytest.mark.sipp, pytest.mark.slow)
