@@ -7,7 +7,8 @@ that answered; the per-worker view says which did not. Nothing here does I/O, so
 
 Rules:
 - counters, gauges of calls/transactions/connections and the ClearIP latency histogram are
-  summed; the supervisor's own counters (``worker_restarts``) join the sums;
+  summed; the supervisor's own counters (``worker_restarts``, and what dead workers had
+  counted) join the sums;
 - the trust list, emergency numbers and the kernel filter belong to the supervisor;
 - an upstream is ``up`` only when it is up in every worker that answered (each worker has
   its own ClearIP connection), otherwise the first other state is shown;
@@ -142,11 +143,16 @@ def merge_snapshots(
     supervisor: dict[str, Any],
     workers: dict[str, Any],
     steering: dict[str, dict[str, int]],
+    *,
+    retired_latency: LatencyHistogram | None = None,
 ) -> dict[str, Any]:
     """What the metrics collector reads (see :class:`clearip.relay.metrics.RelayCollector`),
-    from the workers' ``snapshot`` answers: sums, plus ``per_worker`` for the labelled view."""
+    from the workers' ``snapshot`` answers: sums, plus ``per_worker`` for the labelled view.
+    ``own`` and ``retired_latency`` carry what workers that died had counted."""
     answers = _answers(views)
     latency = LatencyHistogram()
+    if retired_latency is not None:
+        latency.add(retired_latency)
     for answer in answers:
         latency.add(LatencyHistogram.from_dict(answer["latency"]))
     upstreams = merge_upstreams(a.get("upstreams") for a in answers)

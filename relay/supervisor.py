@@ -13,7 +13,8 @@ What the supervisor owns, and why here:
   and the emergency numbers (one writer for the files and the kernel maps);
 - the workers: started with a pipe on which each says READY, restarted when one dies (logged
   with its exit status, counted ``worker_restarts``, back at once; with back-off only when it
-  keeps dying right after its start), killed and restarted when it stops answering;
+  keeps dying right after its start), killed and restarted when it stops answering; what a
+  dead worker last reported stays in the totals, so summed counters never go backwards;
 - signals: SIGHUP reloads its own policy and every worker's config; SIGTERM/SIGINT stops the
   workers (SIGTERM, then SIGKILL after STOP_TIMEOUT) and exits 0;
 - systemd: READY=1 once every worker is ready, WATCHDOG=1 and STATUS= with the totals;
@@ -55,7 +56,7 @@ from clearip.relay.fleet import (
     merge_status,
     workers_block,
 )
-from clearip.relay.metrics import MetricsServer, registry_for
+from clearip.relay.metrics import LatencyHistogram, MetricsServer, registry_for
 from clearip.relay.policy import PolicyError, SourcePolicy
 from clearip.relay.reload import plan_reload
 from clearip.relay.sdnotify import Notifier, watchdog, watchdog_interval
@@ -239,6 +240,11 @@ class Supervisor:
         self._keepers: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._last: list[WorkerView] = []  # the latest poll, for the one-line status
+        # The counters and latency each worker last reported, and those of workers that died:
+        # a restarted worker starts from zero, the totals carry on (Prometheus counters).
+        self._seen: dict[int, dict[str, Any]] = {}
+        self._retired: Counter[str] = Counter()
+        self._retired_latency = LatencyHistogram()
         self._scrape: dict[str, Any] = {}
         self._env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_ENV}
 
@@ -406,6 +412,7 @@ class Supervisor:
                 log.info("worker %d (pid %s) %s", worker.index, worker.pid, exit_status(returncode))
                 return
             worker.state = "down"
+            self._retire(worker.index)
             worker.restarts += 1
             self.counters["worker_restarts"] += 1
             quick_deaths = quick_deaths + 1 if time.monotonic() - started < QUICK_DEATH else 0
@@ -427,7 +434,12 @@ class Supervisor:
         read_end, write_end = os.pipe()
         try:
             worker.process = await asyncio.create_subprocess_exec(
-                *self._command(worker.index, write_end), pass_fds=(write_end,), env=self._env
+                *self._command(worker.index, write_end),
+                pass_fds=(write_end,),
+                env=self._env,
+                # Its own session: a terminal's Ctrl-C (SIGINT to the foreground group) goes
+                # to the supervisor alone, which then stops the workers in order.
+                start_new_session=True,
             )
         except OSError as exc:
             os.close(read_end)
@@ -488,10 +500,28 @@ class Supervisor:
 
     async def _gather(self, cmd: str, **fields: Any) -> list[WorkerView]:
         answers = await asyncio.gather(*(self._ask(w, cmd, **fields) for w in self.workers))
+        for worker, answer in zip(self.workers, answers, strict=True):
+            if answer is not None and cmd in ("snapshot", "stats"):
+                seen = self._seen.setdefault(worker.index, {})
+                seen["counters"] = answer.get("counters" if cmd == "snapshot" else "relay", {})
+                if cmd == "snapshot":
+                    seen["latency"] = answer.get("latency")
         return [
             WorkerView(w.index, w.pid, w.state, w.restarts, answer)
             for w, answer in zip(self.workers, answers, strict=True)
         ]
+
+    def _retire(self, index: int) -> None:
+        """A worker died: what it last reported stays in the totals."""
+        seen = self._seen.pop(index, {})
+        self._retired.update(seen.get("counters") or {})
+        if seen.get("latency"):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                self._retired_latency.add(LatencyHistogram.from_dict(seen["latency"]))
+
+    def _own_counters(self) -> Counter[str]:
+        """The supervisor's counters plus those of workers that died (see :meth:`_retire`)."""
+        return self.counters + self._retired
 
     async def _tell_policy(self, worker: WorkerProcess) -> None:
         trust = [{"cidr": e.cidr, "role": e.role.value, "note": e.note} for e in self.policy.trust]
@@ -640,7 +670,7 @@ class Supervisor:
     async def stats(self) -> dict[str, Any]:
         views = await self._gather("stats")
         return merge_stats(
-            views, self.counters, self.policy.kernel_status(), self._steering_counters()
+            views, self._own_counters(), self.policy.kernel_status(), self._steering_counters()
         )
 
     async def _gather_snapshot(self) -> None:
@@ -650,7 +680,12 @@ class Supervisor:
             "kernel": self.policy.kernel_status(),
         }
         self._scrape = merge_snapshots(
-            views, self.counters, supervisor, self._workers_block(views), self._steering_counters()
+            views,
+            self._own_counters(),
+            supervisor,
+            self._workers_block(views),
+            self._steering_counters(),
+            retired_latency=self._retired_latency,
         )
 
     # -- reload -------------------------------------------------------------------------------

@@ -512,6 +512,7 @@ def test_a_killed_worker_is_back_and_the_others_calls_go_on(tmp_path: Path) -> N
         time.sleep(seconds / 3)
         victim = relay.pids()[1]
         assert victim is not None
+        calls_before = _calls_total(relay)
         killed_at = time.time()
         os.kill(victim, signal.SIGKILL)
         started = time.monotonic()
@@ -541,7 +542,15 @@ def test_a_killed_worker_is_back_and_the_others_calls_go_on(tmp_path: Path) -> N
         assert status["per_worker"]["1"]["restarts"] == 1
         assert relay.ask("stats")["relay"]["worker_restarts"] == 1
         assert relay.metrics()[("clearip_worker_restarts_total", (("worker", "1"),))] == 1
+        # The summed counters carry on past the restart: what worker 1 had counted stays in
+        # the totals (all but what it counted between the last scrape and its death).
+        calls_after = _calls_total(relay)
+        assert calls_before <= calls_after and calls_after >= len(seen.finals) - rate
         assert relay.wait_idle(60) == (0, 0)
+
+
+def _calls_total(relay: Relay) -> float:
+    return sum(v for (name, _), v in relay.metrics().items() if name == "clearip_calls_total")
 
 
 def _invite(call_id: str, local: tuple[str, int], proxy_port: int) -> bytes:
