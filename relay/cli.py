@@ -89,6 +89,8 @@ def _check_config(path: str) -> int:
     print(f"  inbound upstream:  {config.inbound.uri}")
     print(f"  trust list: {config.trust_file} ({len(trust)} entries)")
     print(f"  emergency numbers: {', '.join(config.emergency_numbers)}")
+    auto = " (auto: one per CPU)" if config.workers == "auto" else ""
+    print(f"  worker processes: {config.worker_count()}{auto}")
     return EXIT_OK
 
 
