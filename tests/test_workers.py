@@ -729,6 +729,49 @@ def test_trust_and_emergency_changes_reach_every_worker(tmp_path: Path) -> None:
         remove_pins(pins)
 
 
+@_marked(*STEERING, pytest.mark.slow)
+def test_only_the_supervisor_notifies_systemd(tmp_path: Path) -> None:
+    """READY=1 once every worker is ready, then WATCHDOG=1 with the totals in STATUS=; every
+    message from the supervisor's pid (the unit's NotifyAccess=main)."""
+    from clearip.bpf.reuseport import remove_pins
+
+    pins = f"/sys/fs/bpf/cip-test-{unique_tag()}-workers"
+    config = write_config(
+        tmp_path, port=free_port(), upstream="sip:127.0.0.1:9;transport=tcp", workers=2,
+        proxy_extra=f"steering_pin_dir = {json.dumps(pins)}\n",
+    )  # fmt: skip
+    log = tmp_path / "proxy.log"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(tmp_path / "notify.sock"))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.settimeout(30)
+        env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="400000")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "clearip.relay.cli", "run", "--config", str(config)],
+            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        messages: list[tuple[int, str]] = []
+        try:
+            while sum("WATCHDOG=1" in m for _, m in messages) < 3:
+                data, ancdata, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+                (_, _, creds), *_ = ancdata
+                pid = int.from_bytes(creds[:4], sys.byteorder)
+                messages.append((pid, data.decode()))
+        finally:
+            stop_process(process)
+            remove_pins(pins)
+    assert {pid for pid, _ in messages} == {process.pid}, messages
+    first = messages[0][1]
+    assert "READY=1" in first and "STATUS=2/2 workers up" in first, messages
+    ready_line = next(
+        n for n, line in enumerate(log.read_text().splitlines()) if "clearip-proxy ready" in line
+    )
+    workers_up = [
+        n for n, line in enumerate(log.read_text().splitlines()) if re.search(r"worker \d up", line)
+    ]
+    assert len(workers_up) == 2 and max(workers_up) < ready_line
+
+
 @_marked(pytest.mark.sipp, pytest.mark.slow)
 def test_without_steering_one_process_relays_and_says_why(tmp_path: Path) -> None:
     """Steering cannot load (its pin directory is not on the bpf file system): one error line
