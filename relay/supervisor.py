@@ -393,7 +393,11 @@ class Supervisor:
         quick_deaths = 0
         while not self._stopping.is_set():
             started = time.monotonic()
-            ready = await self._start(worker)
+            try:
+                ready = await self._start(worker)
+            except Exception:  # a bug here must not leave the worker's slot empty for good
+                log.exception("worker %d: could not be started", worker.index)
+                ready = False
             if self._stopping.is_set():
                 if worker.process is not None:
                     await worker.process.wait()  # _shutdown sends SIGTERM, then SIGKILL
