@@ -730,6 +730,22 @@ def test_trust_and_emergency_changes_reach_every_worker(tmp_path: Path) -> None:
 
 
 @_marked(*STEERING, pytest.mark.slow)
+def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
+    """SIGKILL of the supervisor (no chance to stop anything): its workers stop on their own
+    (PR_SET_PDEATHSIG), so a restarted service never finds old workers on its ports."""
+    with supervised(tmp_path, 2, "sip:127.0.0.1:9;transport=tcp") as relay:
+        workers = [pid for pid in relay.pids().values() if pid is not None]
+        assert len(workers) == 2
+        relay.process.kill()
+        relay.process.wait(5)
+
+        def gone() -> bool:
+            return not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+        wait_for(gone, 10, "the workers to stop")
+
+
+@_marked(*STEERING, pytest.mark.slow)
 def test_only_the_supervisor_notifies_systemd(tmp_path: Path) -> None:
     """READY=1 once every worker is ready, then WATCHDOG=1 with the totals in STATUS=; every
     message from the supervisor's pid (the unit's NotifyAccess=main)."""
