@@ -41,7 +41,8 @@ EPILOG = """exit codes:
      top-dropped, reload, trace)
 
 trust commands work on --trust-file when the daemon is not running (and say so); the change
-then applies at the next start. xdp detach works with or without the daemon.
+then applies at the next start. xdp detach works with or without the daemon; steering
+remove only with the daemon stopped.
 """
 
 
@@ -162,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="interface to detach from (default: xdp.interfaces)",
     )
+    steering = sub.add_parser(
+        "steering", help="the kernel program steering calls to worker processes"
+    ).add_subparsers(dest="action", required=True)
+    unpin = steering.add_parser(
+        "remove", help="unpin the steering program and its maps (with the service stopped)"
+    )
+    unpin.add_argument(
+        "--config",
+        default="/etc/clearip-proxy/proxy.toml",
+        help="read proxy.steering_pin_dir from this config",
+    )
+    unpin.add_argument("--pin-dir", help="pinned program and maps (default: from the config)")
     return parser
 
 
@@ -373,12 +386,39 @@ def xdp_detach(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
+def steering_remove(args: argparse.Namespace, client: Client) -> int:
+    """Unpin the steering program (package erase): its workers must be gone, since a worker
+    started afterwards would find nothing to join."""
+    from clearip.bpf.reuseport import remove_pins
+    from clearip.relay.config import DEFAULT_STEERING_PIN_DIR, ConfigError, load_config
+
+    try:
+        client.call("status")
+    except DaemonDown:
+        pass
+    else:
+        return _error("clearip-proxy is running: stop it first (systemctl stop clearip-proxy)", 1)
+    pin_dir = args.pin_dir
+    if not pin_dir and Path(args.config).exists():
+        try:
+            pin_dir = load_config(args.config).steering_pin_dir
+        except ConfigError as exc:
+            print(f"clearipctl: {exc}: using {DEFAULT_STEERING_PIN_DIR}", file=sys.stderr)
+    pin_dir = pin_dir or DEFAULT_STEERING_PIN_DIR
+    existed = Path(pin_dir).exists()
+    remove_pins(pin_dir)
+    print(f"steering program {'unpinned: ' + pin_dir + ' removed' if existed else 'not pinned'}")
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "trace":
         return trace(args)
     client = Client(args.socket)
     if args.command == "xdp":
         return xdp_detach(args, client)
+    if args.command == "steering":
+        return steering_remove(args, client)
     if args.command == "trust":
         return trust(args, client)
     try:
@@ -405,9 +445,45 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(report_lines(result)))
     elif args.command == "top-dropped":
         print(table([[a, str(c)] for a, c in result], ["SOURCE", "DROPPED"]) if result else "none")
+    elif isinstance(result, dict) and isinstance(result.get("per_worker"), dict):
+        print(_workers_view(args.command, result))
     else:
         print(table(_flatten(result), ["WHAT", "VALUE"]))
     return EXIT_OK
+
+
+def _workers_view(command: str, result: dict[str, Any]) -> str:
+    """A supervisor's answer (workers > 1): the totals, then one column or row per worker."""
+    per_worker: dict[str, dict[str, Any]] = result["per_worker"]
+    rest = {k: v for k, v in result.items() if k != "per_worker"}
+    indexes = sorted(per_worker, key=int)
+    if command == "stats":
+        relay = rest.pop("relay", {})
+        names = sorted(set(relay).union(*(per_worker[i] for i in indexes)))
+        rows = [
+            [name, str(relay.get(name, 0)), *(str(per_worker[i].get(name, 0)) for i in indexes)]
+            for name in names
+        ]
+        counters = table(rows, ["COUNTER", "TOTAL", *(f"WORKER {i}" for i in indexes)])
+        return counters + "\n\n" + table(_flatten(rest), ["WHAT", "VALUE"])
+    rows = []
+    for i in indexes:
+        view = per_worker[i]
+        upstreams = view.get("upstreams") or {}
+        rows.append(
+            [
+                i,
+                str(view.get("pid") or "-"),
+                str(view.get("state")),
+                str(view.get("restarts", 0)),
+                str(view.get("active_calls", "-")),
+                str(view.get("active_transactions", "-")),
+                str(view.get("connections", "-")),
+                ", ".join(f"{role} {state}" for role, state in upstreams.items()) or "-",
+            ]
+        )
+    headers = ["WORKER", "PID", "STATE", "RESTARTS", "CALLS", "TRANSACTIONS", "CONNECTIONS"]
+    return table(_flatten(rest), ["WHAT", "VALUE"]) + "\n\n" + table(rows, [*headers, "CLEARIP"])
 
 
 def trust(args: argparse.Namespace, client: Client) -> int:

@@ -25,6 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the proxy daemon")
     run.add_argument("--config", default=DEFAULT_CONFIG, help="TOML config (default: %(default)s)")
 
+    # Started by the supervisor for each worker process (no help: not for operators).
+    worker = sub.add_parser("worker")
+    worker.add_argument("--config", required=True)
+    worker.add_argument("--base-config", default="")
+    worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--workers", type=int, required=True)
+    worker.add_argument("--run-dir", required=True)
+    worker.add_argument("--steering-pin-dir", default="")
+    worker.add_argument("--ready-fd", type=int, default=-1)
+    worker.add_argument("--supervisor", type=int, default=0)
+
     check = sub.add_parser("check-config", help="validate a config file and its trust list")
     check.add_argument(
         "--config", default=DEFAULT_CONFIG, help="TOML config (default: %(default)s)"
@@ -78,6 +89,8 @@ def _check_config(path: str) -> int:
     print(f"  inbound upstream:  {config.inbound.uri}")
     print(f"  trust list: {config.trust_file} ({len(trust)} entries)")
     print(f"  emergency numbers: {', '.join(config.emergency_numbers)}")
+    auto = " (auto: one per CPU)" if config.workers == "auto" else ""
+    print(f"  worker processes: {config.worker_count()}{auto}")
     return EXIT_OK
 
 
@@ -92,6 +105,20 @@ def _run(path: str) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(config.log_level, config.log_format)
+    if config.worker_count() > 1:
+        from clearip.relay.supervisor import Supervisor
+
+        try:
+            supervisor = Supervisor(config, path)
+        except TrustError as exc:
+            print(f"error: proxy.trust_file: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        _use_uvloop()
+        try:
+            return asyncio.run(supervisor.run())
+        except OSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
     try:
         daemon = Daemon(config, config_path=path)
     except TrustError as exc:
@@ -104,6 +131,69 @@ def _run(path: str) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """One worker process of a supervisor (``clearip-proxy run`` with workers > 1)."""
+    import os
+
+    from clearip.relay.config import ConfigError, load_config
+    from clearip.relay.daemon import Daemon, setup_logging
+    from clearip.relay.reload import plan_reload
+    from clearip.relay.trust import TrustError
+    from clearip.relay.worker_role import WorkerRole
+
+    if args.supervisor:
+        _stop_with_parent(args.supervisor)
+    try:
+        base = load_config(args.base_config) if args.base_config else None
+        try:
+            config = load_config(args.config)
+        except ConfigError:
+            if base is None:
+                raise
+            config = base  # the file broke since the supervisor read it: start as it did
+        if base is not None:
+            config = plan_reload(base, config).config
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(config.log_level, config.log_format, worker=args.index)
+    role = WorkerRole(args.index, args.workers, args.run_dir, args.steering_pin_dir)
+    try:
+        daemon = Daemon(config, config_path=args.config, role=role)
+    except TrustError as exc:
+        print(f"error: proxy.trust_file: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    def ready() -> None:
+        if args.ready_fd >= 0:
+            os.write(args.ready_fd, b"READY\n")
+            os.close(args.ready_fd)
+
+    _use_uvloop()
+    try:
+        asyncio.run(daemon.run(on_ready=ready))
+    except OSError as exc:
+        print(f"error: worker {args.index}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def _stop_with_parent(parent: int) -> None:
+    """A worker gets SIGTERM when its supervisor dies (even by SIGKILL), so no orphan keeps
+    the listeners; if the supervisor is already gone, stop now."""
+    import ctypes
+    import os
+    import signal
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        sys.exit(EXIT_ERROR)
 
 
 def _reload(path: str) -> int:
@@ -176,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(args.config)
     if args.command == "run":
         return _run(args.config)
+    if args.command == "worker":
+        return _worker(args)
     if args.command == "reload":
         return _reload(args.config)
     if args.command == "demo":

@@ -6,11 +6,13 @@ them all). Any error names the key, the bad value and the fix, and the daemon re
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from clearip.bpf.steering import MAX_WORKERS
 from clearip.relay.emergency import DEFAULT_NUMBERS, validate_number
 from clearip.relay.hep import parse_address
 from clearip.relay.sip.errors import SipParseError
@@ -20,6 +22,18 @@ from clearip.relay.transport.peer import ListenerSpec
 
 TRANSPORTS = ("udp", "tcp", "tls")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_RUN_DIR = "/run/clearip-proxy"
+DEFAULT_STEERING_PIN_DIR = "/sys/fs/bpf/clearip-reuseport"
+
+
+def cpu_workers() -> int:
+    """``workers = "auto"``: one worker per CPU this process may run on (its affinity, which
+    systemd's CPUAffinity= and containers narrow), at most MAX_WORKERS."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_WORKERS))
 
 
 class ConfigError(ValueError):
@@ -132,6 +146,21 @@ class ProxyConfig:
     metrics_enabled: bool = True
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9477
+    # Worker processes (issue #16): a whole number, or "auto" (one per CPU, see cpu_workers).
+    workers: int | str = "auto"
+    run_dir: str = ""  # the workers' private sockets; "" = the control socket's directory
+    steering_pin_dir: str = DEFAULT_STEERING_PIN_DIR
+
+    def worker_count(self) -> int:
+        """How many worker processes ``clearip-proxy run`` starts (1: no supervisor)."""
+        return cpu_workers() if self.workers == "auto" else int(self.workers)
+
+    def worker_run_dir(self) -> str:
+        if self.run_dir:
+            return self.run_dir
+        if self.control_socket:
+            return str(Path(self.control_socket).parent)
+        return DEFAULT_RUN_DIR
 
     def with_changes(self, **changes: Any) -> ProxyConfig:
         return replace(self, **changes)
@@ -340,6 +369,12 @@ def config_from_data(data: dict[str, Any]) -> ProxyConfig:
             f"proxy.overload_queue_delay = {overload_delay} is invalid: "
             "use seconds, e.g. 0.05 (0 = never shed)"
         )
+    workers_hint = f'use a whole number from 1 to {MAX_WORKERS}, or "auto" (one per CPU)'
+    workers = p.get("workers", (int, str), "auto", workers_hint)
+    if isinstance(workers, bool) or (
+        workers != "auto" if isinstance(workers, str) else not 1 <= workers <= MAX_WORKERS
+    ):
+        raise ConfigError(f"proxy.workers = {workers!r} is invalid: {workers_hint}")
     options_down = p.get("options_when_upstream_down", int, 503, "use 200 or 503")
     if options_down not in (200, 503):
         raise ConfigError(f"proxy.options_when_upstream_down = {options_down}: use 200 or 503")
@@ -361,6 +396,14 @@ def config_from_data(data: dict[str, Any]) -> ProxyConfig:
         max_message_size=int(p.positive("max_message_size", 65536, "use a number of bytes > 0")),
         overload_queue_delay=overload_delay,
         invite_rate_per_source=rate,
+        workers=workers,
+        run_dir=p.get("run_dir", str, "", 'use a directory path ("" = beside control_socket)'),
+        steering_pin_dir=p.get(
+            "steering_pin_dir",
+            str,
+            DEFAULT_STEERING_PIN_DIR,
+            "use a directory under /sys/fs/bpf (a bpf file system)",
+        ),
     )
     p.finish()
 

@@ -23,12 +23,20 @@ Commands and their fields (results in brackets):
                                              "restart": [...]}] (re-reads the config and trust
                                              files; a bad one: invalid, nothing changed)
     trace          call_id?, number?        (a stream of records; see relay/trace.py)
+
+With worker processes the supervisor answers on this socket (status, stats and trace cover
+every worker: see relay/supervisor.py) and asks each worker on a private one, where a worker
+also answers (and refuses trust.*, emergency.add/remove and xdp.detach, the supervisor's):
+    snapshot                                [what relay/metrics.py reads, as JSON]
+    policy.set     trust, emergency          [{"changed", "trust_entries"}] (the supervisor's
+                                             trust list and numbers, in memory)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -51,6 +59,7 @@ from clearip.relay.trust import (
 
 log = logging.getLogger("clearip.control")
 MAX_REQUEST = 1 << 20
+MAX_REPLY = 64 << 20  # a worker's snapshot or stats
 
 
 class ControlServer:
@@ -135,7 +144,8 @@ class ControlServer:
                         return
                     await self._trace(request, reader, writer)
                     return
-                writer.write(json.dumps(self.handle(request)).encode() + b"\n")
+                reply = await self.handle_async(request)
+                writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
         except ConnectionError:
             pass
@@ -172,7 +182,8 @@ class ControlServer:
         return self.handle(_parse(line))
 
     def handle(self, request: object) -> dict[str, Any]:
-        """One reply for one decoded request; never raises."""
+        """One reply for one decoded request; never raises. A handler may return an
+        awaitable (a supervisor asking its workers): :meth:`handle_async` awaits it."""
         if request is _NOT_JSON:
             return {"ok": False, "kind": "invalid", "error": "request is not JSON"}
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
@@ -187,19 +198,19 @@ class ControlServer:
             }
         try:
             return {"ok": True, "result": handler(request)}
-        except KeyError as exc:
-            return {"ok": False, "kind": "invalid", "error": f"missing field {exc}"}
-        except (TrustError, ValueError, TypeError) as exc:
-            return {"ok": False, "kind": "invalid", "error": str(exc)}
-        except PolicyError as exc:
-            log.error("control command %s failed: %s", request["cmd"], exc)
-            return {"ok": False, "kind": "failed", "error": str(exc)}
-        except OSError as exc:
-            log.error("control command %s failed: %s", request["cmd"], exc)
-            return {"ok": False, "kind": "failed", "error": f"cannot write: {exc}"}
-        except Exception as exc:  # a bug or a kernel surprise must not take the socket down
-            log.exception("control command %s failed", request["cmd"])
-            return {"ok": False, "kind": "failed", "error": f"internal error: {exc}"}
+        except Exception as exc:
+            return _failure(request["cmd"], exc)
+
+    async def handle_async(self, request: object) -> dict[str, Any]:
+        reply = self.handle(request)
+        result = reply.get("result")
+        if reply.get("ok") and inspect.isawaitable(result):
+            assert isinstance(request, dict)
+            try:
+                return {"ok": True, "result": await result}
+            except Exception as exc:
+                return _failure(request["cmd"], exc)
+        return reply
 
     # -- handlers ----------------------------------------------------------------------------
     def _trust_list(self, _: dict[str, Any]) -> list[dict[str, str]]:
@@ -282,6 +293,53 @@ class ControlServer:
 
 
 _NOT_JSON = object()
+
+
+def _failure(cmd: str, exc: Exception) -> dict[str, Any]:
+    """The reply for a handler that raised: ``invalid`` (nothing changed) or ``failed``."""
+    if isinstance(exc, KeyError):
+        return {"ok": False, "kind": "invalid", "error": f"missing field {exc}"}
+    if isinstance(exc, TrustError | ValueError | TypeError):
+        return {"ok": False, "kind": "invalid", "error": str(exc)}
+    if isinstance(exc, PolicyError):
+        log.error("control command %s failed: %s", cmd, exc)
+        return {"ok": False, "kind": "failed", "error": str(exc)}
+    if isinstance(exc, OSError):
+        log.error("control command %s failed: %s", cmd, exc)
+        return {"ok": False, "kind": "failed", "error": f"cannot write: {exc}"}
+    # A bug or a kernel surprise must not take the socket down.
+    log.error("control command %s failed", cmd, exc_info=exc)
+    return {"ok": False, "kind": "failed", "error": f"internal error: {exc}"}
+
+
+class ControlUnavailable(Exception):
+    """A control socket did not answer (not there, refused, timed out, garbled)."""
+
+
+async def ask(path: str, cmd: str, *, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
+    """One request to a control socket from an event loop (the supervisor asking a worker);
+    returns the reply object as sent (``ok`` true or false)."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(path, limit=MAX_REPLY)
+            try:
+                writer.write(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
+                line = await reader.readline()
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+    except TimeoutError:
+        raise ControlUnavailable(f"{path}: no answer to {cmd} within {timeout:g} s") from None
+    except (OSError, ValueError, asyncio.LimitOverrunError) as exc:
+        raise ControlUnavailable(f"{path}: {exc}") from None
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise ControlUnavailable(f"{path}: no usable answer to {cmd}")
+    return reply
 
 
 def _parse(line: bytes) -> object:

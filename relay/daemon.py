@@ -38,8 +38,9 @@ from clearip.relay.trace import record as trace_record
 from clearip.relay.transport.endpoint import SipEndpoint
 from clearip.relay.transport.peer import LocalAddress, Peer
 from clearip.relay.transport.tls import ClientTls
-from clearip.relay.trust import Role, TrustError, TrustList
+from clearip.relay.trust import Role, TrustEntry, TrustError, TrustList, parse_cidr, parse_role
 from clearip.relay.upstream import PROBE_PREFIX, UpstreamLink
+from clearip.relay.worker_role import WorkerRole
 
 log = logging.getLogger("clearip.daemon")
 _NO_IPV6 = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT}
@@ -53,8 +54,16 @@ class Daemon:
         trust: TrustList | None = None,
         *,
         config_path: str | Path | None = None,
+        role: WorkerRole | None = None,
+        workers: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
+        # A worker of a supervisor (issue #16): SO_REUSEPORT listeners joined to the kernel's
+        # Call-ID steering, a private control socket, and no kernel filter, metrics or
+        # sd_notify (the supervisor has those). None: the relay is this one process.
+        self.role = role
+        # Shown in status when workers were configured but this process runs alone (degraded).
+        self.workers = workers
         # Where ``config`` came from: a reload re-reads it (without one, only the trust list).
         self.config_path = Path(config_path) if config_path is not None else None
         if trust is None:
@@ -82,6 +91,8 @@ class Daemon:
         tls.upstream(config.outbound)
         tls.upstream(config.inbound)
         tls.peers()
+        # The worker's place among its siblings: SO_REUSEPORT, steering, stream hand-off.
+        placement: dict[str, Any] = {"worker": role} if role is not None else {}
         self.endpoint = SipEndpoint(
             self._on_message,
             counters=self.counters,
@@ -92,6 +103,7 @@ class Daemon:
             max_connections=config.max_connections,
             max_connections_per_source=config.max_connections_per_source,
             tls_client=tls,
+            **placement,
         )
         self.links: dict[Role, UpstreamLink] = {}
         outbound = UpstreamLink(
@@ -109,7 +121,7 @@ class Daemon:
             )
         self.locality = Locality(hosts=set(), ports=set())
         self.metrics: MetricsServer | None = None
-        self.notifier = Notifier()
+        self.notifier = Notifier() if role is None else Notifier("")
         self._watchdog: asyncio.Task[None] | None = None
         self._gc_task: asyncio.Task[None] | None = None
         self.kernel_status: Callable[[], dict[str, Any] | None] = self.policy.kernel_status
@@ -253,65 +265,70 @@ class Daemon:
             {a for link in set(self.links.values()) for a in link.addresses}
             | {link.peer.host for link in self.links.values() if link.peer is not None}
         )
-        if self.config.control_socket:
+        control_path = self.config.control_socket if self.role is None else self.role.control_path()
+        if control_path:
             self.control = ControlServer(
-                self.config.control_socket,
+                control_path,
                 self.policy,
                 self.status,
                 self.stats,
                 subscribe=self.subscribe_trace,
                 reload=self.reload_config,
             )
+            if self.role is not None:
+                self._worker_commands(self.control)
             try:
                 await self.control.start()
             except OSError as exc:
-                log.error("control socket %s unavailable: %s", self.config.control_socket, exc)
+                log.error("control socket %s unavailable: %s", control_path, exc)
                 self.control = None
-        if self.config.metrics_enabled:
+        if self.config.metrics_enabled and self.role is None:
             self.metrics = MetricsServer(registry_for(self.snapshot))
             port = await self.metrics.start(self.config.metrics_address, self.config.metrics_port)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics_address, port)
         self.notifier.ready(self.one_line_status())
-        interval = watchdog_interval()
+        interval = watchdog_interval() if self.role is None else None
         if interval is not None:
             self._watchdog = asyncio.create_task(
                 watchdog(self.notifier, interval, self.one_line_status)
             )
 
     async def _start_kernel_filter(self) -> None:
-        xdp = self.config.xdp
-        if not xdp.enabled:
-            self.policy.attach_kernel(None, "disabled in the config (xdp.enabled)")
+        if self.role is not None:
+            self.policy.attach_kernel(None, "the supervisor's (see clearipctl status)")
             return
-        if not xdp.interfaces:
-            self.policy.attach_kernel(None, "no interfaces configured (xdp.interfaces)")
-            return
-        from clearip.bpf.loader import EdgeFilter, FilterUnavailable
+        await start_kernel_filter(self.config, self.policy)
 
-        def load() -> EdgeFilter:
-            return EdgeFilter.start(
-                interfaces=list(xdp.interfaces),
-                mode=xdp.mode,
-                udp_ports=xdp.udp_ports,
-                tcp_ports=xdp.tcp_ports,
-                pin_dir=xdp.pin_dir,
-                trust=self.policy.trust,
-                emergency=self.policy.emergency.numbers(),
+    def _worker_commands(self, control: ControlServer) -> None:
+        """A worker's private socket: the supervisor reads it and tells it the policy it
+        decided; changing the trust list or the emergency numbers here would bypass the
+        supervisor's files and kernel maps, so those commands are refused."""
+
+        def refuse(request: dict[str, Any]) -> None:
+            raise PolicyError(
+                f"{request['cmd']} is the supervisor's: use the socket at proxy.control_socket"
             )
 
-        try:
-            edge = await asyncio.get_running_loop().run_in_executor(None, load)
-        except FilterUnavailable as exc:
-            log.error(
-                "kernel filter off: %s. Fix: %s. Calls are still relayed; the relay refuses "
-                "untrusted sources itself.",
-                exc.reason,
-                exc.fix,
-            )
-            self.policy.attach_kernel(None, exc.reason)
-            return
-        self.policy.attach_kernel(edge)
-        log.info("kernel filter on: %s", self.policy.describe_kernel())
+        for name in (
+            "trust.add",
+            "trust.remove",
+            "trust.import",
+            "emergency.add",
+            "emergency.remove",
+            "xdp.detach",
+        ):
+            control.handlers[name] = refuse
+        control.handlers["snapshot"] = lambda _: self.export_snapshot()
+        control.handlers["policy.set"] = self._policy_set
+
+    def _policy_set(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``policy.set``: the supervisor's trust list and emergency numbers, in memory."""
+        entries = [
+            TrustEntry(parse_cidr(str(e["cidr"])), parse_role(str(e["role"])), str(e["note"]))
+            for e in request["trust"]
+        ]
+        changed = self.policy.adopt(entries, [str(n) for n in request["emergency"]])
+        return {"changed": changed, "trust_entries": len(self.trust)}
 
     def reload(self) -> None:
         """SIGHUP: :meth:`reload_config`; a refusal is logged and changes nothing."""
@@ -371,7 +388,7 @@ class Daemon:
         }
 
     def status(self) -> dict[str, Any]:
-        return {
+        status = {
             "uptime_s": round(time.time() - self.started, 1),
             "listeners": [f"{a.transport}:{a.hostport()}" for a in self.endpoint.locals],
             "upstreams": {role.value: link.status() for role, link in self.links.items()},
@@ -382,6 +399,11 @@ class Daemon:
             "kernel_filter": self.policy.describe_kernel(),
             "emergency_numbers": self.policy.emergency.numbers(),
         }
+        if self.workers is not None:
+            status["workers"] = self.workers
+        if self.role is not None:
+            status["worker"] = {"index": self.role.index, "count": self.role.count}
+        return status
 
     def subscribe_trace(self, subscriber: Subscriber) -> Callable[[], None]:
         """Start tracing for one client; the returned function stops it."""
@@ -445,6 +467,18 @@ class Daemon:
             "kernel": self.kernel_status(),
         }
 
+    def export_snapshot(self) -> dict[str, Any]:
+        """:meth:`snapshot` as JSON, for the supervisor (the ``snapshot`` control command),
+        with the upstreams' addresses, which the supervisor's kernel filter lets in."""
+        state = self.snapshot()
+        state["counters"] = dict(state["counters"])
+        state["latency"] = state["latency"].as_dict()
+        state["upstream_addresses"] = sorted(
+            {a for link in set(self.links.values()) for a in link.addresses}
+            | {link.peer.host for link in self.links.values() if link.peer is not None}
+        )
+        return state
+
     def one_line_status(self) -> str:
         ups = ", ".join(f"ClearIP {role.value} {link.state}" for role, link in self.links.items())
         return f"{ups}; {self.core.active_calls} calls in setup; {len(self.trust)} trusted sources"
@@ -452,9 +486,10 @@ class Daemon:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def run(self) -> None:
+    async def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """The daemon process: start, then serve until SIGTERM/SIGINT (owns the interpreter, so
-        it also sets the garbage-collector policy, see :mod:`gcpolicy`)."""
+        it also sets the garbage-collector policy, see :mod:`gcpolicy`). ``on_ready`` is
+        called once serving (a worker tells its supervisor)."""
         await self.start()
         start_policy()
         self._gc_task = asyncio.create_task(run_policy(self.counters))
@@ -462,7 +497,12 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        log.info("clearip-proxy ready")
+        if self.role is None:
+            log.info("clearip-proxy ready")
+        else:
+            log.info("worker %d of %d ready", self.role.index, self.role.count)
+        if on_ready is not None:
+            on_ready()
         await self._stopping.wait()
         await self.close()
 
@@ -498,6 +538,44 @@ def _answers_probe(response: Response) -> bool:
     return branch is not None and branch.startswith(PROBE_PREFIX)
 
 
+async def start_kernel_filter(config: ProxyConfig, policy: SourcePolicy) -> None:
+    """Load the XDP filter for ``policy`` (the daemon's, or the supervisor's when workers
+    run); when it cannot load, one error with the fix, and the relay checks sources itself."""
+    xdp = config.xdp
+    if not xdp.enabled:
+        policy.attach_kernel(None, "disabled in the config (xdp.enabled)")
+        return
+    if not xdp.interfaces:
+        policy.attach_kernel(None, "no interfaces configured (xdp.interfaces)")
+        return
+    from clearip.bpf.loader import EdgeFilter, FilterUnavailable
+
+    def load() -> EdgeFilter:
+        return EdgeFilter.start(
+            interfaces=list(xdp.interfaces),
+            mode=xdp.mode,
+            udp_ports=xdp.udp_ports,
+            tcp_ports=xdp.tcp_ports,
+            pin_dir=xdp.pin_dir,
+            trust=policy.trust,
+            emergency=policy.emergency.numbers(),
+        )
+
+    try:
+        edge = await asyncio.get_running_loop().run_in_executor(None, load)
+    except FilterUnavailable as exc:
+        log.error(
+            "kernel filter off: %s. Fix: %s. Calls are still relayed; the relay refuses "
+            "untrusted sources itself.",
+            exc.reason,
+            exc.fix,
+        )
+        policy.attach_kernel(None, exc.reason)
+        return
+    policy.attach_kernel(edge)
+    log.info("kernel filter on: %s", policy.describe_kernel())
+
+
 def _host_addresses() -> set[str]:
     """This host's addresses, so Record-Route entries naming any of them are recognised."""
     out = {"127.0.0.1", "::1", "localhost"}
@@ -515,9 +593,12 @@ def _host_addresses() -> set[str]:
 
 
 _LOG_HANDLER = "clearip"  # the name of the handler setup_logging installs
+_log_worker: int | None = None  # a worker's index, shown on each of its log lines
 
 
-def setup_logging(level: str, fmt: str) -> None:
+def setup_logging(level: str, fmt: str, *, worker: int | None = None) -> None:
+    global _log_worker
+    _log_worker = worker
     handler = logging.StreamHandler()
     handler.set_name(_LOG_HANDLER)
     handler.setFormatter(_formatter(fmt))
@@ -539,7 +620,8 @@ def apply_logging(level: str, fmt: str) -> None:
 def _formatter(fmt: str) -> logging.Formatter:
     if fmt == "json":
         return JsonFormatter()
-    return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    who = "" if _log_worker is None else f"worker-{_log_worker} "
+    return logging.Formatter(f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s")
 
 
 class JsonFormatter(logging.Formatter):
@@ -561,4 +643,6 @@ class JsonFormatter(logging.Formatter):
                 "logger": record.name,
             }
         )
+        if _log_worker is not None:
+            payload["worker"] = _log_worker
         return json.dumps(payload, separators=(",", ":"))

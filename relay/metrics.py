@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,24 @@ class LatencyHistogram:
             out.append((repr(bound), float(running)))
         out.append(("+Inf", float(running + self.counts[-1])))
         return out
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able, for a worker's snapshot (the supervisor adds them up)."""
+        return {"bounds": list(self.bounds), "counts": list(self.counts), "total": self.total}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatencyHistogram:
+        bounds = tuple(float(b) for b in data["bounds"])
+        counts = [int(c) for c in data["counts"]]
+        if len(counts) != len(bounds) + 1:
+            raise ValueError("a histogram needs one count per bound plus the overflow")
+        return cls(bounds, counts, float(data["total"]))
+
+    def add(self, other: LatencyHistogram) -> None:
+        if other.bounds != self.bounds:
+            raise ValueError("histograms with different buckets cannot be added")
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.total += other.total
 
 
 # counter-key prefix -> (metric name, help, label name)
@@ -132,6 +150,55 @@ class RelayCollector(Collector):
             up.add_metric([upstream, status["uri"]], 1.0 if status["state"] == "up" else 0.0)
         yield up
         yield from _kernel_families(state.get("kernel"))
+        if "per_worker" in state:
+            yield from _worker_families(state)
+
+
+def _worker_families(state: dict[str, Any]) -> Iterable[Metric]:
+    """The supervisor's view: one series per worker (label ``worker``) next to the sums
+    above, which stay unlabelled so that existing queries and alerts keep their meaning."""
+    workers = state.get("workers", {})
+    yield GaugeMetricFamily(
+        "clearip_workers_configured", "Worker processes configured", value=workers["configured"]
+    )
+    yield GaugeMetricFamily(
+        "clearip_workers_running", "Worker processes up and serving", value=workers["running"]
+    )
+    up = GaugeMetricFamily("clearip_worker_up", "1 while the worker serves", labels=["worker"])
+    restarts = CounterMetricFamily(
+        "clearip_worker_restarts", "Times the supervisor restarted the worker", labels=["worker"]
+    )
+    calls = CounterMetricFamily(
+        "clearip_worker_calls",
+        "INVITEs finished by each worker since it started, by role and final status",
+        labels=["worker", "role", "status"],
+    )
+    active = GaugeMetricFamily(
+        "clearip_worker_active_calls", "Calls being set up, by worker", labels=["worker"]
+    )
+    transactions = GaugeMetricFamily(
+        "clearip_worker_active_transactions", "Live SIP transactions, by worker", labels=["worker"]
+    )
+    for index, view in sorted(state["per_worker"].items(), key=lambda item: int(item[0])):
+        worker = str(index)
+        up.add_metric([worker], 1.0 if view.get("up") else 0.0)
+        restarts.add_metric([worker], view.get("restarts", 0))
+        for key, value in (view.get("counters") or {}).items():
+            if key.startswith("call:"):
+                _, role, status = key.split(":", 2)
+                calls.add_metric([worker, role, status], value)
+        active.add_metric([worker], view.get("active_calls", 0))
+        transactions.add_metric([worker], view.get("active_transactions", 0))
+    yield from (up, restarts, calls, active, transactions)
+    steering = CounterMetricFamily(
+        "clearip_steering_datagrams",
+        "Datagrams the kernel's Call-ID steering program handled, by listener and outcome",
+        labels=["listener", "outcome"],
+    )
+    for listener, counters in (state.get("steering") or {}).items():
+        for outcome, value in counters.items():
+            steering.add_metric([listener, outcome], value)
+    yield steering
 
 
 def _kernel_families(kernel: dict[str, Any] | None) -> Iterable[Metric]:
@@ -161,10 +228,18 @@ def registry_for(snapshot: Callable[[], dict[str, Any]]) -> CollectorRegistry:
 
 
 class MetricsServer:
-    """A minimal HTTP/1.0 server on the event loop answering ``GET /metrics``."""
+    """A minimal HTTP/1.0 server on the event loop answering ``GET /metrics``.
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    ``before_scrape`` runs (awaited) before each scrape: the supervisor gathers its workers'
+    snapshots there, and its collector reads what was gathered."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        before_scrape: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.registry = registry
+        self.before_scrape = before_scrape
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
 
@@ -180,6 +255,8 @@ class MetricsServer:
                 pass
             parts = line.split()
             if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] == b"/metrics":
+                if self.before_scrape is not None:
+                    await self.before_scrape()
                 body = generate_latest(self.registry)
                 head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
             else:

@@ -183,6 +183,20 @@ class SourcePolicy:
                 )
             log.info("emergency numbers (from the config): %s", ", ".join(numbers))
 
+    def adopt(self, entries: Iterable[TrustEntry], numbers: Iterable[str]) -> bool:
+        """Take the trust list and emergency numbers another process decided (a worker is
+        told by its supervisor, which wrote the files and the kernel maps): memory only, no
+        file, no kernel. Returns whether anything changed."""
+        fresh = TrustList(entries)
+        emergency = EmergencyNumbers(numbers)
+        changed = (fresh.entries(), emergency.numbers()) != (
+            self.trust.entries(),
+            self.emergency.numbers(),
+        )
+        self.trust.replace(fresh.entries())
+        self.emergency = emergency
+        return changed
+
     def _change_trust(
         self, fresh: TrustList, apply: Callable[[KernelFilter], None], *, write: bool = True
     ) -> None:

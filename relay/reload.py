@@ -2,7 +2,8 @@
 
 Settings read per decision (timeouts, routing, limits, emergency numbers, logging) apply to the
 running daemon; settings behind a socket, a kernel program or a ClearIP link (listeners, the
-control socket, metrics, the state directory, the upstreams, ``[xdp]``) need a restart. A
+control socket, metrics, the state directory, the upstreams, ``[xdp]``, the worker processes)
+need a restart. A
 reload never half-applies: :func:`plan_reload` returns the config to run with (the new file's
 live settings, the running ones for the rest) plus one :class:`Change` per key, for the log and
 for the operator's report. Calls already being set up keep the config they started with.
@@ -52,6 +53,9 @@ KEYS: dict[str, tuple[str, bool]] = {
     "metrics_enabled": ("metrics.enabled", False),
     "metrics_address": ("metrics.address", False),
     "metrics_port": ("metrics.port", False),
+    "workers": ("proxy.workers", False),
+    "run_dir": ("proxy.run_dir", False),
+    "steering_pin_dir": ("proxy.steering_pin_dir", False),
 }
 
 

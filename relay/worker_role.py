@@ -29,6 +29,7 @@ class WorkerRole:
         bpffs refuses names holding a dot (EPERM), so the address is spelled with '_'."""
         if not self.steering_pin_dir:
             return ""
+        # bpffs refuses names with a dot (EPERM): 127.0.0.1 -> 127_0_0_1, :: -> __.
         address = spec.address.replace(":", "_").replace(".", "_") or "any"
         return str(Path(self.steering_pin_dir) / f"{spec.transport}-{address}-{spec.port}")
 

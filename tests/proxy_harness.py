@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import subprocess
 import sys
 import threading
@@ -34,7 +35,11 @@ def write_config(
     extra: str = "",
     trust: list[tuple[str, Role]] | None = None,
     ca_file: str = "",
+    workers: int | str = 1,
+    proxy_extra: str = "",
 ) -> Path:
+    """A test config. ``workers`` defaults to one process (the tests written before worker
+    processes existed see today's daemon); ``proxy_extra`` adds lines to ``[proxy]``."""
     trust_path = directory / "trust.toml"
     entries = trust or [
         (f"{SWITCH_IP}/32", Role.SWITCH),
@@ -50,6 +55,8 @@ control_socket = "{directory / "control.sock"}"
 state_dir = "{directory}"
 upstream_timeout = 1.5
 provider_timeout = 1.0
+workers = {json.dumps(workers)}
+{proxy_extra}
 
 [[listen]]
 transport = "udp"

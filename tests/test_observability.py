@@ -84,7 +84,7 @@ def test_notify_socket_gets_ready_and_watchdog(tmp_path: Path) -> None:
     config = tmp_path / "proxy.toml"
     port = free_port()
     config.write_text(
-        f'[proxy]\ntrust_file = "{trust}"\n'
+        f'[proxy]\ntrust_file = "{trust}"\nworkers = 1\n'  # the supervisor's: test_workers.py
         f'[[listen]]\ntransport = "udp"\naddress = "127.0.0.1"\nport = {port}\n'
         '[upstream.outbound]\nuri = "sip:127.0.0.1:9;transport=tcp"\n'
         "[metrics]\nport = 0\n"

@@ -192,6 +192,10 @@ def test_scriptlets_enable_restart_and_detach(built: Built) -> None:
     # Erase detaches the kernel filter, tolerantly, after the service stopped.
     assert re.search(r"/usr/bin/clearipctl xdp detach\S* \|\| :", preun)
     assert preun.index("clearip-proxy.service") < preun.index("xdp detach")
+    # ... and unpins the worker steering program, on erase only (upgrades keep the pins).
+    steering = re.search(r"if \[ \$1 -eq 0 \]; then\n(.*?)\nfi", preun, re.S)
+    assert steering and re.search(r"/usr/bin/clearipctl steering remove \|\| :", steering[1])
+    assert "steering remove" not in sections["postuninstall"]
     assert "clearip-proxy.service" in sections["postuninstall"]
     # No command touches the config or the trust list.
     commands = [line for line in scripts.splitlines() if not line.lstrip().startswith("#")]
@@ -214,6 +218,7 @@ def test_unit_has_the_required_settings(built: Built) -> None:
     expected = {
         "Type": "notify",
         "NotifyAccess": "main",
+        "KillMode": "mixed",  # SIGTERM to the supervisor, which stops its workers
         "Restart": "always",
         "WantedBy": "multi-user.target",
         "After": "network-online.target",
