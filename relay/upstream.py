@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from clearip.bpf.steering import worker_for
 from clearip.relay.config import UpstreamConfig
 from clearip.relay.liveness import (
     ANSWER,
@@ -312,10 +313,22 @@ class UpstreamLink:
         request.append("Max-Forwards", "70")
         request.append("From", f"<sip:clearip-proxy@{local.hostport()}>;tag={self._tag}")
         request.append("To", f"<{uri}>")
-        request.append("Call-ID", f"probe-{self._tag}-{seq}")
+        request.append("Call-ID", self._own_call_id(f"probe-{self._tag}-{seq}"))
         request.append("CSeq", f"{seq} OPTIONS")
         request.append("Content-Length", "0")
         return request
+
+    def _own_call_id(self, base: str) -> str:
+        """A Call-ID whose answers the kernel steers back to this worker (bpf/reuseport.c
+        hashes the Call-ID): a suffix is tried until the hash names us (about N tries)."""
+        role = self.endpoint.worker
+        if role is None or role.count <= 1:
+            return base
+        for attempt in itertools.count():
+            call_id = f"{base}.{attempt}"
+            if worker_for(call_id, role.count) == role.index:
+                return call_id
+        raise AssertionError("unreachable")
 
     def probe_answered(self, response: Response, peer: Peer) -> bool:
         """A response whose top Via has :data:`PROBE_PREFIX`; True if it answers our probe

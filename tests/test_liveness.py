@@ -268,3 +268,23 @@ def test_kick_sends_a_probe_early_when_none_is_outstanding() -> None:
     d.apply(machine.kick(1.0))
     assert d.at(SendPing) == [0.0, 1.0]  # not 20.0
     assert machine.kick(1.1) == []  # a probe is outstanding: at most one in flight
+
+
+def test_a_workers_probe_call_id_is_steered_back_to_it() -> None:
+    """Answers to a worker's OPTIONS probe reach that worker: the kernel steers by Call-ID."""
+    from clearip.bpf.steering import worker_for
+    from clearip.relay.config import UpstreamConfig
+    from clearip.relay.sip.message import Request
+    from clearip.relay.transport.endpoint import SipEndpoint
+    from clearip.relay.upstream import UpstreamLink
+    from clearip.relay.worker_role import WorkerRole
+
+    for index in range(4):
+        role = WorkerRole(index=index, count=4, run_dir="/nonexistent")
+        endpoint = SipEndpoint(lambda message, peer: None, worker=role)
+        config = UpstreamConfig(uri="sip:127.0.0.1:5070;transport=udp")
+        link = UpstreamLink("outbound", config, endpoint, lambda: None)
+        for _ in range(5):
+            probe = link._probe_request("127.0.0.1")
+            assert isinstance(probe, Request)
+            assert worker_for(probe.call_id, 4) == index
