@@ -340,7 +340,10 @@ def _assert_no_strays(relay: Relay) -> None:
 
 def _clearip_udp(directory: Path, scenario: str, calls: int, name: str = "clearip") -> Any:
     port = free_port()
-    uas = sipp_uas(directory, name, scenario, local=("127.0.0.1", port), calls=calls, timeout=180)
+    uas = sipp_uas(
+        directory, name, scenario, local=("127.0.0.1", port), calls=calls, timeout=180,
+        extra=["-aa"],  # answers the workers' OPTIONS liveness probes
+    )  # fmt: skip
     return port, uas
 
 
@@ -376,7 +379,11 @@ def test_one_switch_address_spreads_its_calls_over_every_worker(
         # ClearIP's 503 of every call, plus the switch's INVITE and ACK over UDP.
         assert steering["steered"] >= (3 if transport == "u1" else 1) * calls, steering
         if transport == "t1":
-            assert relay.ask("status")["connections"] == 1  # one connection, every worker
+            # One connection, every worker: the messages of the other workers' calls were
+            # handed over by the worker that holds the connection (and their answers back).
+            sent = sum(relay.per_worker("handoff_sent"))
+            received = sum(relay.per_worker("handoff_received"))
+            assert sent == received >= calls * (workers - 1) / workers * 0.8, (sent, received)
         _assert_operator_views(relay, invites)
         assert relay.wait_idle(60) == (0, 0)  # Timer D: 32 s after ClearIP's 503 over UDP
 
@@ -451,27 +458,43 @@ def test_cancel_and_retransmissions_reach_the_calls_owner(tmp_path: Path, worker
     calls = 200
     clearip_port = free_port()
     upstream = f"sip:127.0.0.1:{clearip_port};transport=udp"
-    with supervised(tmp_path, workers, upstream) as relay:
-        with sipp_uas(
-            tmp_path, "clearip-cancel", _clearip_answering_cancel(),
-            local=("127.0.0.1", clearip_port), calls=calls, timeout=120,
-        ):  # fmt: skip
-            switch = start_sipp(
-                tmp_path, "switch-cancel", uac_cancel_scenario(wait_for_ringing=False),
-                local=(SWITCH_IP, free_port()), remote=("127.0.0.1", relay.port),
-                service=DIALLED, calls=calls, extra=["-r", "50"], timeout=100,
-            )  # fmt: skip
-            assert switch.wait(120) == 0, switch.messages[-3000:]
+    # The UDP ClearIP answers the workers' OPTIONS probes (-aa) and is there before they start.
+    first = contextlib.ExitStack()
+    first.enter_context(
+        sipp_uas(
+            tmp_path,
+            "clearip-cancel",
+            _clearip_answering_cancel(),
+            local=("127.0.0.1", clearip_port),
+            calls=calls,
+            timeout=120,
+            extra=["-aa"],
+        )
+    )
+    with first, supervised(tmp_path, workers, upstream) as relay:
+        switch = start_sipp(
+            tmp_path, "switch-cancel", uac_cancel_scenario(wait_for_ringing=False),
+            local=(SWITCH_IP, free_port()), remote=("127.0.0.1", relay.port),
+            service=DIALLED, calls=calls, extra=["-r", "50"], timeout=100,
+        )  # fmt: skip
+        assert switch.wait(120) == 0, switch.messages[-3000:]
         cancelled = outcomes(switch)
         assert cancelled.by_status() == {487: calls}
         assert relay.per_worker("cancelled") == _owners(cancelled.invites, workers)
-        # ClearIP's 487, after the relay answered the switch itself: at the owner, counted late.
-        assert relay.per_worker("clearip_late_response") == _owners(cancelled.invites, workers)
+        # ClearIP's 487, after the relay answered the switch itself: at the owner, counted late
+        # (a 487 that loses the race with the client transaction's end is absorbed by it).
+        late, owners = (
+            relay.per_worker("clearip_late_response"),
+            _owners(cancelled.invites, workers),
+        )
+        assert all(got <= want for got, want in zip(late, owners, strict=True)), (late, owners)
+        assert sum(late) >= 0.95 * calls, late
+        first.close()  # the port is free for the next stand-in
         invites_before = relay.per_worker("invite_switch")
         retrans_before = relay.per_worker("invite_retransmission")
         with sipp_uas(
             tmp_path, "clearip-slow", _clearip_slow_503(400), local=("127.0.0.1", clearip_port),
-            calls=calls, timeout=120,
+            calls=calls, timeout=120, extra=["-aa"],
         ):  # fmt: skip
             switch = start_sipp(
                 tmp_path, "switch-retransmit", _switch_retransmitting(),
