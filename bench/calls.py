@@ -111,8 +111,10 @@ def run_one(
     notes = []
     if stats.created < planned:
         notes.append(f"SIPp created {stats.created} of {planned} calls")
+    workers = rig.RELAY_WORKERS
+    label = f"relay x{workers}" if system == "relay" and workers > 1 else system
     return {
-        "system": system,
+        "system": label,
         "upstream": upstream,
         "rate": rate,
         "seconds": seconds,
@@ -137,7 +139,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """relay/Kamailio for each (upstream, rate) both systems ran."""
     out = []
     for relay_row in rows:
-        if relay_row["system"] != "relay":
+        if not relay_row["system"].startswith("relay"):
             continue
         for kam in rows:
             if (
@@ -249,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    rig.use_workers(args.workers)
     try:
         rig.require_tools("sipp", *([] if args.no_capture else ["dumpcap"]))
         if not rig.SIPP_ANCHORS.is_dir():

@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    rig.use_workers(args.workers)
     summaries: list[dict[str, Any]] = []
     steps: list[dict[str, Any]] = []
     notes: list[str] = []

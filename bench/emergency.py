@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    rig.use_workers(args.workers)
     workdir = rig.workdir_for("emergency")
     ports = Ports.shifted(args.port_base)
     try:

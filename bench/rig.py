@@ -310,6 +310,18 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Relay worker processes for every relay a benchmark starts (--workers; 1 = one process).
+RELAY_WORKERS = 1
+
+
+def use_workers(workers: int) -> None:
+    """Run every relay of this benchmark with ``workers`` processes (issue #16)."""
+    global RELAY_WORKERS
+    if workers < 1:
+        raise BenchError("--workers takes a number >= 1")
+    RELAY_WORKERS = workers
+
+
 def relay_config(
     workdir: Path,
     ports: Ports,
@@ -336,6 +348,8 @@ def relay_config(
             "control_socket": str(workdir / "control.sock"),
             "state_dir": str(workdir),
             "invite_rate_per_source": 0,
+            "workers": RELAY_WORKERS,
+            "steering_pin_dir": "/sys/fs/bpf/clearip-bench",
         },
         "listen": [{"transport": "udp", "address": HOST, "port": ports.proxy}],
         "upstream": {"outbound": outbound},
@@ -942,3 +956,10 @@ def add_common_args(parser: Any) -> None:
         "--port-base", type=int, default=0, metavar="N", help="add N to every port (default 0)"
     )
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="relay worker processes (default 1; N > 1 steers calls in the kernel, needs root)",
+    )
