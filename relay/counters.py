@@ -183,6 +183,12 @@ COUNTERS: tuple[CounterSpec, ...] = (
         "Connection-closed notices from other workers",
     ),
     _c("handoff_bad_packet", "handoff_bad_packets", "Malformed hand-off packets dropped"),
+    _c(
+        "worker_restarts",
+        "workers_restarted",
+        "Worker processes the supervisor restarted, all workers (per worker: "
+        "clearip_worker_restarts_total)",
+    ),
     # -- HEP, GC ------------------------------------------------------------------------------
     _c("hep_sent", "hep_sent", "Messages sent to the HEP collector"),
     _c("hep_dropped", "hep_dropped", "HEP copies dropped (queue full or collector down)"),
@@ -207,7 +213,7 @@ def spec_for(key: str) -> tuple[CounterSpec, tuple[str, ...]] | None:
     for family in _FAMILIES:
         if key.startswith(family.key):
             values = tuple(key[len(family.key) :].split(":", len(family.labels) - 1))
-            if len(values) == len(family.labels):
+            if len(values) <= len(family.labels):  # an older key may lack a trailing value
                 return family, values
     return None
 

@@ -25,6 +25,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from clearip.relay.counters import COUNTERS, spec_for
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -72,36 +74,6 @@ class LatencyHistogram:
         self.total += other.total
 
 
-# counter-key prefix -> (metric name, help, label name)
-LABELLED = {
-    "clearip_response_": ("clearip_upstream_responses", "ClearIP final responses by code", "code"),
-    "parse_error_": ("clearip_parse_errors", "Messages that failed to parse, by kind", "kind"),
-    "stream_closed_": ("clearip_connections_closed", "Connections we closed, by reason", "reason"),
-    "in_dialog_": ("clearip_in_dialog_requests", "In-dialog requests routed, by method", "method"),
-}
-PLAIN = {
-    "route_advance": ("clearip_route_advances", "Calls moved on to the next Contact"),
-    "emergency": ("clearip_emergency_calls", "Emergency calls that bypassed ClearIP"),
-    "clearip_timeout": ("clearip_upstream_timeouts", "ClearIP did not answer in time (fail-open)"),
-    "clearip_down_fail_open": (
-        "clearip_upstream_down_fail_open",
-        "Calls answered 503 at once because ClearIP was unreachable",
-    ),
-    "provider_timeout": ("clearip_provider_timeouts", "Destinations that did not answer at all"),
-    "untrusted_dropped": ("clearip_untrusted_datagrams_dropped", "UDP from untrusted sources"),
-    "untrusted_connection_closed": (
-        "clearip_untrusted_connections_closed",
-        "TCP/TLS connections from untrusted sources",
-    ),
-    "malformed_dropped": ("clearip_malformed_dropped", "Unparseable messages dropped"),
-    "bad_request_sent": ("clearip_bad_requests_answered", "Malformed requests answered 400"),
-    "stray_response": ("clearip_stray_responses", "Responses matching no transaction"),
-    "send_failed": ("clearip_send_failures", "Messages the transport could not send"),
-    "rate_limited": ("clearip_rate_limited", "INVITEs answered 503 by the per-source limit"),
-    "overload_rejected": ("clearip_overload_rejected", "INVITEs answered 503: too many calls"),
-}
-
-
 class RelayCollector(Collector):
     """Turns the daemon's live state into metric families on each scrape."""
 
@@ -111,22 +83,7 @@ class RelayCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         state = self.snapshot()
         counters: Counter[str] = state["counters"]
-        calls = CounterMetricFamily(
-            "clearip_calls", "INVITEs finished, by role and final status", labels=["role", "status"]
-        )
-        for key, value in counters.items():
-            if key.startswith("call:"):
-                _, role, status = key.split(":", 2)
-                calls.add_metric([role, status], value)
-        yield calls
-        for prefix, (name, text, label) in LABELLED.items():
-            family = CounterMetricFamily(name, text, labels=[label])
-            for key, value in counters.items():
-                if key.startswith(prefix):
-                    family.add_metric([key[len(prefix) :]], value)
-            yield family
-        for key, (name, text) in PLAIN.items():
-            yield CounterMetricFamily(name, text, value=counters.get(key, 0))
+        yield from counter_families(counters)
         histogram: LatencyHistogram = state["latency"]
         yield HistogramMetricFamily(
             "clearip_upstream_response_seconds",
@@ -183,10 +140,13 @@ def _worker_families(state: dict[str, Any]) -> Iterable[Metric]:
         worker = str(index)
         up.add_metric([worker], 1.0 if view.get("up") else 0.0)
         restarts.add_metric([worker], view.get("restarts", 0))
+        by_status: Counter[tuple[str, str]] = Counter()  # summed over the reason label
         for key, value in (view.get("counters") or {}).items():
             if key.startswith("call:"):
-                _, role, status = key.split(":", 2)
-                calls.add_metric([worker, role, status], value)
+                role, status = [*key.split(":", 3)[1:], ""][:2]
+                by_status[role, status] += value
+        for (role, status), value in sorted(by_status.items()):
+            calls.add_metric([worker, role, status], value)
         active.add_metric([worker], view.get("active_calls", 0))
         transactions.add_metric([worker], view.get("active_transactions", 0))
     yield from (up, restarts, calls, active, transactions)
@@ -199,6 +159,26 @@ def _worker_families(state: dict[str, Any]) -> Iterable[Metric]:
         for outcome, value in counters.items():
             steering.add_metric([listener, outcome], value)
     yield steering
+
+
+def counter_families(counters: Counter[str]) -> Iterator[Metric]:
+    """Every declared counter (relay/counters.py), zero until it counts; a family's missing
+    trailing label values (an older key) read as ""."""
+    families = {
+        spec.key: CounterMetricFamily(spec.metric, spec.help, labels=list(spec.labels) or None)
+        for spec in COUNTERS
+    }
+    for spec in COUNTERS:
+        if not spec.labels:
+            families[spec.key].add_metric([], counters.get(spec.key, 0))
+    for key, value in counters.items():
+        found = spec_for(key)
+        if found is None or not found[0].labels:
+            continue
+        spec, values = found
+        padded = list(values) + [""] * (len(spec.labels) - len(values))
+        families[spec.key].add_metric(padded, value)
+    yield from families.values()
 
 
 def _kernel_families(kernel: dict[str, Any] | None) -> Iterable[Metric]:

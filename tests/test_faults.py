@@ -134,7 +134,7 @@ def test_connection_reset_mid_transaction_fails_open_at_once_and_reconnects(tmp_
         assert elapsed < 1.4, f"fail-open took {elapsed:.2f} s (upstream_timeout is 1.5 s)"
         wait_for(lambda: fake.connections >= 2, 10, "the proxy to reconnect")
         counters = proxy.counters()
-        assert counters["call:switch:503"] == 1
+        assert counters["call:switch:503:fail-open"] == 1
 
 
 def test_a_link_that_was_up_reconnects_at_once_after_a_reset(tmp_path: Path) -> None:
@@ -152,7 +152,7 @@ def test_a_link_that_was_up_reconnects_at_once_after_a_reset(tmp_path: Path) -> 
         started = time.monotonic()
         wait_for(lambda: fake.connections >= 2, 5, "the proxy to reconnect")
         assert time.monotonic() - started < 0.3
-        assert proxy.counters()["call:switch:503"] == 1
+        assert proxy.counters()["call:switch:503:fail-open"] == 1
 
 
 def test_garbage_from_clearip_fails_open(tmp_path: Path) -> None:
@@ -178,7 +178,7 @@ def test_late_answer_is_absorbed_not_relayed(tmp_path: Path) -> None:
         # The proxy CANCELled the pending INVITE at fail-open and ACKed the late 302.
         methods = [head.split(b" ", 1)[0] for head in fake.received]
         assert b"CANCEL" in methods and b"ACK" in methods
-        assert proxy.counters().get("call:switch:302", 0) == 0
+        assert proxy.counters().get("call:switch:302:relayed", 0) == 0
 
 
 def test_hostile_302_contacts_are_capped_and_filtered(tmp_path: Path) -> None:

@@ -71,7 +71,9 @@ def test_metrics_follow_the_calls(tmp_path: Path) -> None:
         )
         assert switch.wait(30) == 0
         after = _scrape(port)
-    assert _value(after, "clearip_calls_total", 'role="switch",status="200"') == 3.0
+    assert (
+        _value(after, "clearip_calls_total", 'reason="relayed",role="switch",status="200"') == 3.0
+    )
     assert _value(after, "clearip_upstream_responses_total", 'code="302"') == 3.0
     assert _value(after, "clearip_upstream_response_seconds_count") == 3.0
     assert _value(after, "clearip_in_dialog_requests_total", 'method="bye"') == 3.0

@@ -82,7 +82,7 @@ def test_silent_provider_gets_the_switch_a_408(tmp_path: Path) -> None:
             assert 1.0 <= elapsed < 5, elapsed  # provider_timeout is 1 s
             assert "No destination answered" in switch.received("SIP/2.0 408")[0]
             assert proxy.counters()["provider_timeout"] == 1
-            assert proxy.counters()["call:switch:408"] == 1
+            assert proxy.counters()["call:switch:408:timeout"] == 1
             assert proxy.wait_idle(15) == (0, 0)
         assert a.requests("INVITE"), "the silent provider never got the INVITE"
 
@@ -146,7 +146,7 @@ def test_5xx_storm_every_destination_fails_and_every_call_gets_one_final(tmp_pat
             assert seen.by_status() == {500: calls}
             counters = proxy.counters()
             assert counters["route_advance"] == 2 * calls
-            assert counters["call:switch:500"] == calls
+            assert counters["call:switch:500:relayed"] == calls
             assert set(settled(proxy)) <= {"client:COMPLETED"}
         for peer in (a, b, c):
             assert len(peer.requests("INVITE")) >= calls
@@ -180,7 +180,7 @@ def test_response_with_a_wrong_branch_is_a_counted_stray_never_relayed(tmp_path:
         assert not switch.received("SIP/2.0 180") and not switch.received("SIP/2.0 200")
         assert "tag=forged" not in switch.messages
         assert proxy.counters()["stray_response"] == 2
-        assert proxy.counters()["call:switch:486"] == 1
+        assert proxy.counters()["call:switch:486:relayed"] == 1
         assert set(settled(proxy)) <= {"client:COMPLETED"}
 
 
@@ -191,7 +191,7 @@ def test_response_with_a_wrong_call_id_is_a_counted_stray_never_relayed(tmp_path
     ):
         switch = _switch(tmp_path, port, uac_scenario(486), timeout=8)
         try:
-            wait_for(lambda: proxy.counters().get("call:switch:486", 0), 5, "the 486")
+            wait_for(lambda: proxy.counters().get("call:switch:486:relayed", 0), 5, "the 486")
         finally:
             # Read before failing: with the bug the switch never gets a final and would wait.
             assert "forged@x" not in switch.messages, "a forged Call-ID reached the switch"

@@ -166,7 +166,7 @@ def test_stats_and_metrics_sum_counters_and_keep_a_worker_label() -> None:
         latency = LatencyHistogram()
         latency.observe(0.02)
         return {
-            "counters": {"call:switch:503": calls, "stray_response": 0},
+            "counters": {"call:switch:503:relayed": calls, "stray_response": 0},
             "latency": latency.as_dict(),
             "active_calls": 1,
             "active_transactions": 1,
@@ -190,7 +190,12 @@ def test_stats_and_metrics_sum_counters_and_keep_a_worker_label() -> None:
         )
         for s in family.samples
     }
-    assert samples[("clearip_calls_total", (("role", "switch"), ("status", "503")))] == 22
+    assert (
+        samples[
+            ("clearip_calls_total", (("reason", "relayed"), ("role", "switch"), ("status", "503")))
+        ]
+        == 22
+    )
     calls = "clearip_worker_calls_total"
     assert samples[(calls, (("role", "switch"), ("status", "503"), ("worker", "1")))] == 12
     assert samples[("clearip_worker_restarts_total", (("worker", "1"),))] == 1
@@ -220,7 +225,7 @@ def test_the_single_process_metrics_are_unchanged() -> None:
         "upstreams": {},
         "kernel": None,
     }
-    assert b"worker" not in generate_latest(registry_for(lambda: state))
+    assert b'worker="' not in generate_latest(registry_for(lambda: state))
 
 
 # -- one process when workers = 1 ---------------------------------------------------------------
@@ -403,7 +408,12 @@ def _assert_operator_views(relay: Relay, invites: list[int]) -> None:
     counts = r"\s+".join(str(n) for n in invites)
     assert re.search(rf"\ninvite_switch\s+{total}\s+{counts}\n", stats), stats
     metrics = relay.metrics()
-    assert metrics[("clearip_calls_total", (("role", "switch"), ("status", "503")))] == total
+    assert (
+        metrics[
+            ("clearip_calls_total", (("reason", "relayed"), ("role", "switch"), ("status", "503")))
+        ]
+        == total
+    )
     assert metrics[("clearip_workers_running", ())] == relay.workers
     for index, count in enumerate(invites):
         labels = (("role", "switch"), ("status", "503"), ("worker", str(index)))

@@ -189,7 +189,7 @@ class ProxyCore:
                 index = key[3]
                 return self._provider_silent(call, index)
             if what == "cancel-guard":
-                return self._finish_with_own(call, 487, "Request Terminated")
+                return self._finish_with_own(call, 487, "Request Terminated", why="cancelled")
             if what == "timer-c":
                 return self._timer_c(call, key[3])
             return []
@@ -317,12 +317,12 @@ class ProxyCore:
         self.counters["cancelled"] += 1
         if call.phase is Phase.CLEARIP:
             effects += self._cancel_upstream(call)
-            return effects + self._finish_with_own(call, 487, "Request Terminated")
+            return effects + self._finish_with_own(call, 487, "Request Terminated", why="cancelled")
         # ROUTING: cancel the live branch and relay its final (487) when it comes; guard
         # against a destination that never answers the CANCEL.
         live = [b for b in call.branches if b.status is None and not b.abandoned]
         if not live:
-            return effects + self._finish_with_own(call, 487, "Request Terminated")
+            return effects + self._finish_with_own(call, 487, "Request Terminated", why="cancelled")
         for branch in live:
             effects += self._cancel_branch(call, branch)
         effects.append(StartTimer(("call", call.id, "cancel-guard"), 64 * call.config.timers.t1))
@@ -349,16 +349,19 @@ class ProxyCore:
                 # Behind on reading: a quick 503 lets the switch route this call directly
                 # instead of every call timing out in our queue (no congestion collapse).
                 self.counters["overload_shed"] += 1
+                self.counters[f"call:{role.value}:503:overload"] += 1
                 return self._reply_stateless(
                     request, peer, 503, "Overloaded", extra=[("Retry-After", "1")]
                 )
             if len(self.server_txns) >= self.config.max_transactions:
                 self.counters["overload_rejected"] += 1
+                self.counters[f"call:{role.value}:503:max-transactions"] += 1
                 return self._reply_stateless(
                     request, peer, 503, "Overloaded", extra=[("Retry-After", "5")]
                 )
             if not self.limiter.allow(peer.host, self.clock()):
                 self.counters["rate_limited"] += 1
+                self.counters[f"call:{role.value}:503:rate-limit"] += 1
                 return self._reply_stateless(
                     request, peer, 503, "Rate Limit Exceeded", extra=[("Retry-After", "1")]
                 )
@@ -366,9 +369,11 @@ class ProxyCore:
         max_forwards = request.get("max-forwards")
         if max_forwards is not None and max_forwards.strip() == "0":
             self.counters["too_many_hops"] += 1
+            self.counters[f"call:{role.value}:483:too-many-hops"] += 1
             return self._reply_stateless(request, peer, 483, "Too Many Hops")
         if self._is_loop(request):
             self.counters["loop_detected"] += 1
+            self.counters[f"call:{role.value}:482:loop"] += 1
             return self._reply_stateless(request, peer, 482, "Loop Detected")
 
         txn = ServerInviteTransaction(request, reliable=peer.reliable, timers=self.config.timers)
@@ -401,7 +406,11 @@ class ProxyCore:
             if not call.config.emergency_route:
                 call.note = "emergency: switch routes directly"
                 return effects + self._finish_with_own(
-                    call, 503, "Service Unavailable", reason_text="Emergency call: route directly"
+                    call,
+                    503,
+                    "Service Unavailable",
+                    reason_text="Emergency call: route directly",
+                    why="emergency",
                 )
             route = parse_uri(call.config.emergency_route)
             assert isinstance(route, SipUri)
@@ -595,7 +604,7 @@ class ProxyCore:
         if call.finals:
             return self._relay_best(call)
         return self._finish_with_own(
-            call, 408, "Request Timeout", reason_text="No destination answered"
+            call, 408, "Request Timeout", reason_text="No destination answered", why="timeout"
         )
 
     def _timer_c(self, call: ProxyCall, index: int) -> list[Effect]:
@@ -625,6 +634,7 @@ class ProxyCore:
             status,
             "Request Timeout" if status == 408 else "Service Unavailable",
             reason_text=f"Destination {why}",
+            why=why,
         )
 
     # -- destinations ------------------------------------------------------------------------
@@ -687,34 +697,45 @@ class ProxyCore:
         call.note = f"fail-open: {why}"
         effects = self._cancel_upstream(call)
         return effects + self._finish_with_own(
-            call, 503, "Service Unavailable", reason_text=f"{why} (fail-open)"
+            call, 503, "Service Unavailable", reason_text=f"{why} (fail-open)", why="fail-open"
         )
 
     def _finish_with_own(
-        self, call: ProxyCall, status: int, reason: str, *, reason_text: str | None = None
+        self,
+        call: ProxyCall,
+        status: int,
+        reason: str,
+        *,
+        why: str,
+        reason_text: str | None = None,
     ) -> list[Effect]:
+        """Our own final for the switch; ``why`` is the ``reason`` label of clearip_calls."""
         if call.phase is Phase.DONE:
             return []
         extra = []
         if reason_text:
             extra.append(("Reason", f'SIP;cause={status};text="{reason_text}"'))
         reply = make_reply(call.request, status, reason, extra=extra)
-        return self._relay_final(call, reply, own=True)
+        return self._relay_final(call, reply, own=why)
 
     def _relay_best(self, call: ProxyCall) -> list[Effect]:
         best = best_response(call.finals)
         if best is None:
             return self._finish_with_own(
-                call, 503, "Service Unavailable", reason_text="No usable destination"
+                call,
+                503,
+                "Service Unavailable",
+                reason_text="No usable destination",
+                why="unreachable",
             )
         if best.status == 503:  # §16.7 step 6: a downstream 503 becomes 500 upstream
             best = best.copy()
             best.status, best.reason = 500, "Server Internal Error"
         return self._relay_final(call, best)
 
-    def _relay_final(
-        self, call: ProxyCall, response: Response, *, own: bool = False
-    ) -> list[Effect]:
+    def _relay_final(self, call: ProxyCall, response: Response, *, own: str = "") -> list[Effect]:
+        """The call's final to the switch: a destination's or ClearIP's (``own`` = "") or our
+        own (``own`` says why: fail-open, emergency, timeout, unreachable, cancelled)."""
         call.phase = Phase.DONE
         call.final_status = response.status
         effects: list[Effect] = [CancelTimer(("call", call.id, "upstream"))]
@@ -737,7 +758,7 @@ class ProxyCore:
                     effects += self._cancel_branch(call, branch)
         effects += self._respond(call, response) if own else self._forward_response(call, response)
         effects.append(CallFinished(functools.partial(call.summary, self.clock())))
-        self.counters[f"call:{call.role.value}:{response.status}"] += 1
+        self.counters[f"call:{call.role.value}:{response.status}:{own or 'relayed'}"] += 1
         self._forget(call)
         return effects
 
