@@ -48,6 +48,7 @@ import platform
 import shutil
 import socket
 import subprocess
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ OUTCOMES = (
     "parse_giveup",
 )
 MODES = ("auto", "native", "generic")
+PROGRAM_NAME = "clearip_xdp"  # the kernel's name for the program: how detach recognises it
+IFACE_SLOTS = 256  # xdp_filter.c: counter slots (the last one, IFACE_OTHER, is shared)
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 FLAGS = {"generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
@@ -241,6 +244,9 @@ class EdgeFilter:
         self._ifindex: dict[int, str] = {}
         self._upstreams: set[IPNetwork] = set()  # kernel-only, see set_upstreams
         self._listed: set[IPNetwork] = set()  # what the trust list put in the maps
+        self._v4: set[IPNetwork] = set()  # IPv4 networks in trust_v4 (listed and upstreams)
+        self._slash16: Counter[int] = Counter()  # /16 -> how many of them touch it
+        self._dirty: set[int] = set()  # trust_v4_16 words to rewrite
         # Interface names mean something in one network namespace: the one start() ran in.
         # Later calls (status, detach) go there, whichever thread or namespace they come from.
         self._netns: int | None = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
@@ -278,8 +284,8 @@ class EdgeFilter:
         maps.mkdir(exist_ok=True)
         try:
             edge = cls._load(bcc, source, maps)
-            edge._set_ports("sip_udp_ports", udp_ports)
-            edge._set_ports("sip_tcp_ports", tcp_ports)
+            edge._set_ports(udp_ports, tcp_ports)
+            edge._read_trust()
             edge.set_trust(trust)
             edge.set_emergency(emergency)
         except Exception as exc:
@@ -306,7 +312,7 @@ class EdgeFilter:
                 text=source.encode(),
                 cflags=[f'-DPIN_DIR="{maps}"', "-Wno-unused-value"],
             )
-            function = bpf.load_func(b"xdp_filter", bcc.BPF.XDP)
+            function = bpf.load_func(PROGRAM_NAME.encode(), bcc.BPF.XDP)
         except Exception as exc:  # bcc raises bare Exception for compile/load failures
             raise FilterUnavailable(
                 f"the XDP program did not compile or load: {exc}",
@@ -316,7 +322,7 @@ class EdgeFilter:
 
     @property
     def _fd(self) -> int:
-        return int(self.bpf.funcs[b"xdp_filter"].fd)
+        return int(self.bpf.funcs[PROGRAM_NAME.encode()].fd)
 
     def _attach_all(self, names: list[str], wanted: dict[str, str], *, fallback: bool) -> None:
         fd = self._fd
@@ -400,16 +406,14 @@ class EdgeFilter:
     def _table(self, name: str) -> Any:
         return self.bpf[name.encode()]
 
-    def _set_ports(self, name: str, ports: Iterable[int]) -> None:
-        table = self._table(name)
-        wanted = {int(p) for p in ports}
-        for port in wanted:
-            if not 0 < port < 65536:
-                raise ValueError(f"invalid port {port}")
-            table[table.Key(port)] = table.Leaf(1)
-        for key in list(table.keys()):
-            if key.value not in wanted:
-                del table[key]
+    def _set_ports(self, udp: Iterable[int], tcp: Iterable[int]) -> None:
+        """Make the ``sip_ports`` bitmap hold exactly these ports (words that change only)."""
+        table = self._table("sip_ports")
+        wanted = port_words(udp, tcp)
+        for index, word in enumerate(wanted):
+            key = table.Key(index)
+            if int(table[key].value) != word:
+                table[key] = table.Leaf(word)
 
     def _trust_key(self, network: IPNetwork) -> tuple[Any, Any]:
         if network.version == 4:
@@ -433,18 +437,17 @@ class EdgeFilter:
                 self.remove_trust(network)  # upstreams stay (as upstreams)
 
     def add_trust(self, entry: TrustEntry) -> None:
-        table, key = self._trust_key(entry.network)
-        table[key] = table.Leaf(ROLE_VALUES.get(entry.role, 1))
+        self._put(entry.network, ROLE_VALUES.get(entry.role, 1))
         self._listed.add(entry.network)
+        self._trust_changed()
 
     def remove_trust(self, network: IPNetwork) -> None:
         self._listed.discard(network)
         if network in self._upstreams:
-            self._put_upstream(network)  # still needed for the upstream's answers
-            return
-        table, key = self._trust_key(network)
-        with contextlib.suppress(KeyError):
-            del table[key]
+            self._put(network, UPSTREAM_ROLE)  # still needed for the upstream's answers
+        else:
+            self._delete(network)
+        self._trust_changed()
 
     def set_upstreams(self, addresses: Iterable[str]) -> None:
         """Let the answers of these hosts (the ClearIP upstreams, resolved by the daemon) in,
@@ -452,16 +455,59 @@ class EdgeFilter:
         Entries the trust list also has are left to it."""
         wanted = {ipaddress.ip_network(a.split("%", 1)[0]) for a in addresses}
         for network in wanted - self._listed:
-            self._put_upstream(network)
+            self._put(network, UPSTREAM_ROLE)
         for network in self._upstreams - wanted - self._listed:
-            table, key = self._trust_key(network)
-            with contextlib.suppress(KeyError):
-                del table[key]
+            self._delete(network)
         self._upstreams = wanted
+        self._trust_changed()
 
-    def _put_upstream(self, network: IPNetwork) -> None:
+    def _put(self, network: IPNetwork, role: int) -> None:
         table, key = self._trust_key(network)
-        table[key] = table.Leaf(UPSTREAM_ROLE)
+        table[key] = table.Leaf(role)
+        if network.version == 4 and network not in self._v4:
+            self._v4.add(network)
+            self._cover(network, 1)
+
+    def _delete(self, network: IPNetwork) -> None:
+        table, key = self._trust_key(network)
+        with contextlib.suppress(KeyError):
+            del table[key]
+        if network in self._v4:
+            self._v4.discard(network)
+            self._cover(network, -1)
+
+    def _cover(self, network: IPNetwork, delta: int) -> None:
+        """Count ``network`` in (or out of) every /16 it touches (the ``trust_v4_16`` bits)."""
+        first = int(network.network_address) >> 16
+        for slash16 in range(first, first + (1 << max(0, 16 - network.prefixlen))):
+            self._slash16[slash16] += delta
+            self._dirty.add(slash16 >> 6)
+
+    def _read_trust(self) -> None:
+        """Start from what the maps hold (adopted from a previous run, or nothing) and write
+        the whole /16 bitmap once from it."""
+        self._v4 = {n for n in self.trusted_networks() if n.version == 4}
+        self._slash16.clear()
+        for network in self._v4:
+            self._cover(network, 1)
+        self._dirty = set(range(1024))
+        self._trust_changed()
+
+    def _trust_changed(self) -> None:
+        """Bring the /16 bitmap in line (the words that changed), then bump
+        ``trust_generation`` so the program forgets the IPv4 verdicts it cached per CPU. Runs
+        after the LPM maps changed: a packet that sees the new generation sees the new maps."""
+        bitmap = self._table("trust_v4_16")
+        for word_index in sorted(self._dirty):
+            word = 0
+            for bit in range(64):
+                if self._slash16.get(word_index * 64 + bit, 0) > 0:
+                    word |= 1 << bit
+            bitmap[bitmap.Key(word_index)] = bitmap.Leaf(word)
+        self._dirty.clear()
+        table = self._table("trust_generation")
+        key = table.Key(0)
+        table[key] = table.Leaf((int(table[key].value) % 0xFFFFFFFF) + 1)  # never 0 again
 
     def trusted_networks(self) -> list[IPNetwork]:
         out: list[IPNetwork] = []
@@ -488,18 +534,35 @@ class EdgeFilter:
         return sorted(_number_of(key).decode() for key in self._table("emergency"))
 
     # -- reading -------------------------------------------------------------------------------
-    def counters(self) -> dict[str, int]:
-        """Packets per outcome since the maps were created, summed over CPUs."""
+    def _slots(self) -> dict[int, list[int]]:
+        """Counts per outcome by receiving ifindex (0: interfaces counted in the shared
+        slot), summed over CPUs."""
+        out: dict[int, list[int]] = {}
         table = self._table("counters")
-        return {name: int(table.sum(table.Key(i)).value) for i, name in enumerate(OUTCOMES)}
+        for key, per_cpu in table.items():
+            other = int(key.value) == IFACE_SLOTS
+            for cpu in per_cpu:
+                totals = out.setdefault(0 if other else int(cpu.ifindex), [0] * len(OUTCOMES))
+                for i in range(len(OUTCOMES)):
+                    totals[i] += int(cpu.outcome[i])
+        return out
+
+    def counters(self) -> dict[str, int]:
+        """Packets per outcome since the maps were created, summed over CPUs and interfaces."""
+        totals = [0] * len(OUTCOMES)
+        for counts in self._slots().values():
+            totals = [a + b for a, b in zip(totals, counts, strict=True)]
+        return dict(zip(OUTCOMES, totals, strict=True))
 
     def interface_counters(self) -> dict[str, dict[str, int]]:
-        """The same per receiving interface (by name where this filter attached it)."""
+        """The same per receiving interface (by name where this filter attached it; "other"
+        for interfaces that shared a counter slot)."""
         out: dict[str, dict[str, int]] = {}
-        for key, per_cpu in self._table("iface_counters").items():
-            totals = [sum(int(cpu.outcome[i]) for cpu in per_cpu) for i in range(len(OUTCOMES))]
-            name = self._ifindex.get(int(key.value), f"ifindex {int(key.value)}")
-            out[name] = dict(zip(OUTCOMES, totals, strict=True))
+        for ifindex, counts in sorted(self._slots().items()):
+            if ifindex == 0 and not any(counts):
+                continue  # free slots
+            name = self._ifindex.get(ifindex) or ("other" if ifindex == 0 else f"ifindex {ifindex}")
+            out[name] = dict(zip(OUTCOMES, counts, strict=True))
         return out
 
     def top_dropped(self, n: int = 10) -> list[tuple[str, int]]:
@@ -536,6 +599,19 @@ class EdgeFilter:
         """The program's own average cost on one frame, measured by the kernel (ns); its
         counters move by ``repeat``."""
         return syscall.prog_test_run_ns(self._fd, packet, repeat)
+
+
+def port_words(udp: Iterable[int], tcp: Iterable[int]) -> list[int]:
+    """The ``sip_ports`` bitmap: 1024 64-bit words for UDP, then 1024 for TCP; bit p % 64 of
+    word p // 64 is port p."""
+    words = [0] * 2048
+    for base, ports in ((0, udp), (1024, tcp)):
+        for port in ports:
+            port = int(port)
+            if not 0 < port < 65536:
+                raise ValueError(f"invalid port {port}")
+            words[base + port // 64] |= 1 << (port % 64)
+    return words
 
 
 def _number_of(key: Any) -> bytes:
