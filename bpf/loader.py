@@ -50,6 +50,7 @@ import socket
 import subprocess
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +243,7 @@ class EdgeFilter:
         self.interfaces = interfaces  # ifname -> "native" | "generic"
         self.prog_id = prog_id
         self._ifindex: dict[int, str] = {}
+        self.skipped: dict[str, str] = {}  # ifname -> why it was left alone (a foreign program)
         self._upstreams: set[IPNetwork] = set()  # kernel-only, see set_upstreams
         self._listed: set[IPNetwork] = set()  # what the trust list put in the maps
         self._v4: set[IPNetwork] = set()  # IPv4 networks in trust_v4 (listed and upstreams)
@@ -263,10 +265,25 @@ class EdgeFilter:
         pin_dir: str = DEFAULT_PIN_DIR,
         trust: Iterable[TrustEntry] = (),
         emergency: Iterable[str] = (),
+        replace_foreign: bool = False,
     ) -> EdgeFilter:
-        """Load, fill, attach and pin; raises :class:`FilterUnavailable` with the fix."""
+        """Load, fill, attach and pin; raises :class:`FilterUnavailable` with the fix.
+
+        An interface that carries another product's XDP program is left alone (and listed in
+        :meth:`status` with the reason) unless ``replace_foreign``; when every interface is
+        left alone the filter is unavailable."""
         names = list(interfaces)
         wanted = {name: choose_mode(name, mode) for name in names}  # checks names and mode
+        before = {name: attached_programs(name) for name in names}
+        skipped = _foreign(before, owned_program_id(pin_dir), replace_foreign)
+        if names and len(skipped) == len(names):
+            raise FilterUnavailable(
+                "every interface carries another XDP program: "
+                + "; ".join(f"{name}: {why}" for name, why in skipped.items()),
+                "remove it, leave the interface out of xdp.interfaces, or set "
+                "[xdp] replace_foreign = true to replace it",
+            )
+        names = [name for name in names if name not in skipped]
         bcc = _bcc()
         if os.geteuid() != 0:
             raise FilterUnavailable(
@@ -296,8 +313,9 @@ class EdgeFilter:
             raise FilterUnavailable(
                 f"cannot fill the XDP maps: {exc}", "check the trust list and emergency numbers"
             ) from None
+        edge.skipped = skipped
         try:
-            edge._attach_all(names, wanted, fallback=mode == "auto")
+            edge._attach_all(names, wanted, before, fallback=mode == "auto")
         except FilterUnavailable:
             _forget(maps, pins, adopted, fresh_pins)
             raise
@@ -324,9 +342,15 @@ class EdgeFilter:
     def _fd(self) -> int:
         return int(self.bpf.funcs[PROGRAM_NAME.encode()].fd)
 
-    def _attach_all(self, names: list[str], wanted: dict[str, str], *, fallback: bool) -> None:
+    def _attach_all(
+        self,
+        names: list[str],
+        wanted: dict[str, str],
+        before: dict[str, dict[str, int]],
+        *,
+        fallback: bool,
+    ) -> None:
         fd = self._fd
-        before = {name: attached_programs(name) for name in names}
         changed: list[str] = []
         try:
             for name in names:
@@ -366,8 +390,9 @@ class EdgeFilter:
         syscall.obj_pin(self._fd, str(path))
 
     def _remove_stale_pins(self, keep: Path) -> None:
-        """Maps of an older program (another layout, or the flat layout of 0.1) go."""
-        for path in self.pin_dir.iterdir():
+        """Maps of an older program (another layout, or the flat layout of 0.1) go; nothing
+        else in the directory is touched."""
+        for path in _our_pins(self.pin_dir):
             if path == keep or path.name == "prog":
                 continue
             if path.is_dir():
@@ -375,17 +400,27 @@ class EdgeFilter:
             else:
                 path.unlink(missing_ok=True)
 
-    def detach(self) -> None:
-        """Remove the filter from every interface and unpin program and maps."""
+    def detach(self) -> Detached:
+        """Remove the filter from every interface where it still is (a program someone put in
+        its place stays) and unpin program and maps."""
+        report = Detached()
         with _netns(self._netns):
             for ifname, mode in list(self.interfaces.items()):
                 try:
+                    present = attached_programs(ifname).get(mode)
+                    if present is None:
+                        continue
+                    if present != self.prog_id and not _named_ours(present):
+                        report.left_alone.append(f"{ifname}: {describe_program(present)}")
+                        continue
                     _set_xdp(ifname, -1, mode)
+                    report.removed.append(f"{ifname} ({mode})")
                 except Exception as exc:  # the interface may be gone already
                     log.info("XDP detach from %s: %s", ifname, exc)
             self.interfaces.clear()
-            detach_pinned(self.pin_dir)
+            report.merge(detach_pinned(self.pin_dir))
         self.close()
+        return report
 
     def close(self) -> None:
         """Release the daemon's handles; the attached program and pinned maps stay."""
@@ -589,6 +624,8 @@ class EdgeFilter:
                 except FilterUnavailable:
                     present = {}
                 out[name] = {"mode": mode, "attached": present.get(mode) == self.prog_id}
+        for name, why in self.skipped.items():
+            out[name] = {"mode": "", "attached": False, "note": why}
         return out
 
     def test_run(self, packet: bytes) -> tuple[int, bytes]:
@@ -606,8 +643,8 @@ def port_words(udp: Iterable[int], tcp: Iterable[int]) -> list[int]:
     word p // 64 is port p."""
     words = [0] * 2048
     for base, ports in ((0, udp), (1024, tcp)):
-        for port in ports:
-            port = int(port)
+        for value in ports:
+            port = int(value)
             if not 0 < port < 65536:
                 raise ValueError(f"invalid port {port}")
             words[base + port // 64] |= 1 << (port % 64)
@@ -647,43 +684,154 @@ def _all_interfaces() -> list[str]:
     return [name for _, name in socket.if_nameindex()]
 
 
-def _walk(pins: Path) -> Iterator[Path]:
-    for path in sorted(pins.iterdir()):
-        if path.is_dir():
-            yield from _walk(path)
-        yield path
+LEGACY_PINS = frozenset(
+    {
+        "trust_v4",
+        "trust_v6",
+        "sip_udp_ports",
+        "sip_tcp_ports",
+        "emergency",
+        "counters",
+        "dropped",
+        "frag_dropped",
+        "iface_counters",
+    }
+)  # the flat layout of 0.1, before maps-<layout>/
 
 
-def detach_pinned(pin_dir: str | Path = DEFAULT_PIN_DIR, interfaces: Iterable[str] = ()) -> None:
-    """Remove a filter left by a previous daemon (``clearipctl xdp detach``): the pinned
-    program from the named interfaces (without names: from every interface of this namespace
-    that carries it), then every pin under ``pin_dir``. With names but no pinned program,
-    whatever XDP program those interfaces carry is removed."""
+def _our_pins(pins: Path) -> list[Path]:
+    """What this loader pins under ``pins``: ``prog``, ``maps-*/`` and the 0.1 map names."""
+    if not pins.is_dir():
+        return []
+    return [
+        path
+        for path in sorted(pins.iterdir())
+        if path.name == "prog" or path.name.startswith("maps-") or path.name in LEGACY_PINS
+    ]
+
+
+def owned_program_id(pin_dir: str | Path) -> int | None:
+    """The id of the program pinned at ``<pin_dir>/prog`` (this daemon's filter), if any."""
+    path = Path(pin_dir) / "prog"
+    if not path.exists():
+        return None
+    try:
+        fd = syscall.obj_get(str(path))
+    except OSError:
+        return None
+    try:
+        return syscall.prog_id(fd)
+    finally:
+        os.close(fd)
+
+
+def describe_program(prog_id: int) -> str:
+    """``'xdpfilt_dny_ip' (id 42)``, for messages about a program on an interface."""
+    try:
+        return f"'{syscall.prog_info_by_id(prog_id).name or '?'}' (id {prog_id})"
+    except OSError:
+        return f"id {prog_id}"
+
+
+def _named_ours(prog_id: int) -> bool:
+    try:
+        return syscall.prog_info_by_id(prog_id).name == PROGRAM_NAME
+    except OSError:
+        return False
+
+
+def is_ours(prog_id: int, pinned: int | None) -> bool:
+    """Ours: the program pinned under our pin directory, or one with our program's name (a
+    filter whose pins were lost, or another clearip daemon's)."""
+    return prog_id == pinned or _named_ours(prog_id)
+
+
+def _foreign(
+    before: dict[str, dict[str, int]], pinned: int | None, replace: bool
+) -> dict[str, str]:
+    """Interfaces to leave alone: they carry a program that is not ours (see :func:`is_ours`),
+    unless ``replace`` (then it is only logged)."""
+    out: dict[str, str] = {}
+    for name, present in before.items():
+        foreign = [prog for prog in present.values() if not is_ours(prog, pinned)]
+        if not foreign:
+            continue
+        what = ", ".join(describe_program(prog) for prog in foreign)
+        if replace:
+            log.warning("XDP on %s: replacing another program, %s (replace_foreign)", name, what)
+            continue
+        why = f"another XDP program is attached: {what}; left alone"
+        log.error(
+            "XDP on %s: %s (remove it, leave %s out of xdp.interfaces, or set [xdp] "
+            "replace_foreign = true)",
+            name,
+            why,
+            name,
+        )
+        out[name] = why
+    return out
+
+
+@dataclass
+class Detached:
+    """What a detach did: programs removed, programs left alone (not ours), pins."""
+
+    removed: list[str] = field(default_factory=list)  # "eth1 (native)"
+    left_alone: list[str] = field(default_factory=list)  # "eth2: 'xdpfilt_dny_ip' (id 42)"
+    unpinned: list[str] = field(default_factory=list)  # paths removed
+    kept: list[str] = field(default_factory=list)  # paths under the pin dir that are not ours
+
+    def merge(self, other: Detached) -> None:
+        self.removed += [r for r in other.removed if r not in self.removed]
+        self.left_alone += [r for r in other.left_alone if r not in self.left_alone]
+        self.unpinned += other.unpinned
+        self.kept += other.kept
+
+
+def detach_pinned(
+    pin_dir: str | Path = DEFAULT_PIN_DIR, interfaces: Iterable[str] = ()
+) -> Detached:
+    """Remove a filter left by a previous daemon (``clearipctl xdp detach``): our program (see
+    :func:`is_ours`) from the named interfaces, or without names from every interface of this
+    namespace, then our pins under ``pin_dir``. Any other XDP program stays where it is, and
+    so does anything else in ``pin_dir``; the result says what was done and left."""
     pins = Path(pin_dir)
-    ours: int | None = None
-    if (pins / "prog").exists():
-        with contextlib.suppress(OSError):
-            fd = syscall.obj_get(str(pins / "prog"))
-            try:
-                ours = syscall.prog_id(fd)
-            finally:
-                os.close(fd)
-    names = list(interfaces)
-    if not names and ours is not None:
-        names = _all_interfaces()  # wherever the pinned program is attached
-    for ifname in names:
+    report = Detached()
+    pinned = owned_program_id(pins)
+    for ifname in list(interfaces) or _all_interfaces():
         try:
             present = attached_programs(ifname)
         except FilterUnavailable:
             continue
         for mode, prog in present.items():
-            if ours is None or prog == ours:
-                with contextlib.suppress(Exception):
-                    _set_xdp(ifname, -1, mode)
+            if not is_ours(prog, pinned):
+                report.left_alone.append(f"{ifname}: {describe_program(prog)}")
+                continue
+            try:
+                _set_xdp(ifname, -1, mode)
+                report.removed.append(f"{ifname} ({mode})")
+            except OSError as exc:
+                log.info("XDP detach from %s: %s", ifname, exc)
+    for path in _our_pins(pins):
+        if path.is_dir():
+            for inner in _walk(path):
+                if inner.is_dir():
+                    inner.rmdir()
+                else:
+                    inner.unlink()
+            path.rmdir()
+        else:
+            path.unlink()
+        report.unpinned.append(str(path))
     if pins.is_dir():
-        for path in _walk(pins):
-            if path.is_dir():
-                path.rmdir()
-            else:
-                path.unlink()
-        pins.rmdir()
+        report.kept = [str(path) for path in sorted(pins.iterdir())]
+        if not report.kept:
+            pins.rmdir()
+    return report
+
+
+def _walk(pins: Path) -> Iterator[Path]:
+    for path in sorted(pins.iterdir()):
+        if path.is_dir():
+            yield from _walk(path)
+        yield path

@@ -422,11 +422,11 @@ def test_untrusted_sip_dropped_trusted_and_non_sip_pass(
     # plus the rest of the TCP handshake.
     assert counters["dropped_untrusted"] >= 2 * len(untrusted) + 1
     assert counters["passed_trusted"] >= 2 * len(trusted) + 2
+    # Top offenders are sampled (test_top_offenders_* below): the first drop on each CPU and
+    # interface is a sample, so some untrusted host is listed, and never a trusted one.
     offenders = dict(edge.top_dropped())
-    for address in (hosts["untrusted"].ipv4, hosts["untrusted"].ipv6):
-        assert offenders[address] >= 1
-    if vlans:
-        assert offenders[hosts["untrusted.vlan20"].ipv4] == 1
+    untrusted_sources = {getattr(hosts[h], v) for h in untrusted for v in ("ipv4", "ipv6")}
+    assert offenders and set(offenders) <= untrusted_sources
     per_interface = edge.interface_counters()
     assert per_interface[topo.proxy_ifs["untrusted"]]["dropped_untrusted"] >= 3
     assert per_interface[topo.proxy_ifs["trusted"]].get("dropped_untrusted") == 0
