@@ -82,7 +82,9 @@ def pick(links: Iterable[Link], listen_addresses: Iterable[str]) -> Selection:
             if link.ethernet:
                 chosen.setdefault(link.index, link)
             else:
-                notes.append(f"{address} is on {link.name}, which XDP cannot filter (loopback)")
+                notes.append(
+                    f"{address} is on {link.name}: not filtered (loopback or not Ethernet)"
+                )
     names = tuple(link.name for _, link in sorted(chosen.items()))
     return Selection(names, tuple(notes))
 

@@ -283,17 +283,48 @@ class Daemon:
         if not xdp.interfaces:
             self.policy.attach_kernel(None, "no interfaces configured (xdp.interfaces)")
             return
+        import socket
+
+        from clearip.bpf.interfaces import pick, read_links
         from clearip.bpf.loader import EdgeFilter, FilterUnavailable
 
-        def load() -> EdgeFilter:
+        auto = xdp.interfaces == "auto"
+
+        def interfaces() -> list[str]:
+            """xdp.interfaces = "auto": those carrying the listeners' addresses; a listed
+            name this host does not have stops the start (OSError naming it)."""
+            if auto:
+                chosen = pick(read_links(), [spec.address for spec in self.config.listeners])
+                for note in chosen.notes:
+                    log.info("xdp.interfaces = auto: %s", note)
+                return list(chosen.names)
+            missing = []
+            for name in xdp.interfaces:
+                try:
+                    socket.if_nametoindex(name)
+                except OSError:
+                    missing.append(name)
+            if missing:
+                raise OSError(
+                    errno.ENODEV,
+                    f"xdp.interfaces lists {', '.join(map(repr, missing))}, which this host does "
+                    'not have (check the config against `ip link`, or use interfaces = "auto")',
+                )
+            return list(xdp.interfaces)
+
+        def load() -> EdgeFilter | None:
+            names = interfaces()
+            if not names:
+                return None
             return EdgeFilter.start(
-                interfaces=list(xdp.interfaces),
+                interfaces=names,
                 mode=xdp.mode,
                 udp_ports=xdp.udp_ports,
                 tcp_ports=xdp.tcp_ports,
                 pin_dir=xdp.pin_dir,
                 trust=self.policy.trust,
                 emergency=self.policy.emergency.numbers(),
+                replace_foreign=xdp.replace_foreign,
             )
 
         try:
@@ -307,7 +338,16 @@ class Daemon:
             )
             self.policy.attach_kernel(None, exc.reason)
             return
-        self.policy.attach_kernel(edge)
+        if edge is None:
+            listening = ", ".join(sorted({spec.address for spec in self.config.listeners}))
+            self.policy.attach_kernel(
+                None,
+                f"xdp.interfaces = auto found no interface to protect (listening on "
+                f"{listening}; loopback is never filtered)",
+            )
+            log.warning("kernel filter off: %s", self.policy.kernel_error)
+            return
+        self.policy.attach_kernel(edge, chosen_by="auto" if auto else "")
         log.info("kernel filter on: %s", self.policy.describe_kernel())
 
     def reload(self) -> None:
