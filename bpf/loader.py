@@ -791,20 +791,23 @@ class Detached:
 def detach_pinned(
     pin_dir: str | Path = DEFAULT_PIN_DIR, interfaces: Iterable[str] = ()
 ) -> Detached:
-    """Remove a filter left by a previous daemon (``clearipctl xdp detach``): our program (see
-    :func:`is_ours`) from the named interfaces, or without names from every interface of this
-    namespace, then our pins under ``pin_dir``. Any other XDP program stays where it is, and
-    so does anything else in ``pin_dir``; the result says what was done and left."""
+    """Remove a filter left by a previous daemon (``clearipctl xdp detach``), then our pins
+    under ``pin_dir``. On the named interfaces our program is the pinned one or any program
+    named like ours (see :func:`is_ours`); without names every interface of this namespace is
+    looked at for the pinned program only (another clearip filter, pinned elsewhere, is not
+    this one's). Any other XDP program stays where it is, and so does anything else in
+    ``pin_dir``; the result says what was done and left."""
     pins = Path(pin_dir)
     report = Detached()
     pinned = owned_program_id(pins)
-    for ifname in list(interfaces) or _all_interfaces():
+    names = list(interfaces)
+    for ifname in names or _all_interfaces():
         try:
             present = attached_programs(ifname)
         except FilterUnavailable:
             continue
         for mode, prog in present.items():
-            if not is_ours(prog, pinned):
+            if prog != pinned and not (names and _named_ours(prog)):
                 report.left_alone.append(f"{ifname}: {describe_program(prog)}")
                 continue
             try:

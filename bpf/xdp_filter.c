@@ -56,9 +56,9 @@
 //   per packet.
 // - `dropped` is a shared LRU hash whose updates (a hash lookup, and for a new source an
 //   insertion that evicts under shared locks) cost more than everything else: it is updated on
-//   one drop in SAMPLE per CPU and interface (the slot's drop count is the clock), and a
-//   source not in it yet is inserted on one drop in INSERT_SAMPLE, so a spoofed flood with a
-//   new source on every packet costs about what a fixed source does.
+//   one drop in SAMPLE, chosen at random per CPU and interface, and a source not in it yet is
+//   inserted on one drop in INSERT_SAMPLE, so a spoofed flood with a new source on every
+//   packet costs about what a fixed source does.
 // - The source key and the fragment key are built only where they are used.
 
 #include <uapi/linux/bpf.h>
@@ -136,6 +136,8 @@ struct iface_counts {
     __be32 last_source;
     u32 last_generation;
     u32 last_trusted;
+    u32 sampler;  // xorshift32 state choosing the sampled drops; 0 before the first drop
+    u32 pad;
     u64 outcome[COUNTERS];
 };
 
@@ -173,15 +175,24 @@ static __always_inline int count(struct iface_counts *counts, u32 index, int act
     return action;
 }
 
-// Count a drop; on one drop in SAMPLE (per CPU and interface) add SAMPLE to the source's
-// count in `dropped`. A source not there yet is inserted only on one drop in INSERT_SAMPLE,
-// with INSERT_SAMPLE: inserting evicts, which costs more than all the rest, and a spoofed
-// flood brings a new source with every packet. The first drop is a sample too, so a source
-// that sent one packet can show up.
+// Count a drop; on one drop in SAMPLE (chosen at random per CPU and interface) add SAMPLE
+// to the source's count in `dropped`. A source not there yet is inserted on one sample in
+// INSERT_SAMPLE / SAMPLE only, with INSERT_SAMPLE: inserting evicts, which costs more than all
+// the rest, and a spoofed flood brings a new source with every packet. The choice is random
+// (xorshift32, a few instructions; bpf_get_prandom_u32 would be a helper call) so that no
+// pattern in the traffic can keep a source out of the samples. The first drop on a CPU and
+// interface is noted too (counting 1), so a source that sent one packet can show up.
 static __always_inline int drop(struct iface_counts *counts, struct iphdr *ip,
                                 struct ipv6hdr *ip6) {
-    u64 seen = counts->outcome[COUNTER_DROPPED_UNTRUSTED]++;
-    if (seen % SAMPLE)
+    counts->outcome[COUNTER_DROPPED_UNTRUSTED] += 1;
+    u32 x = counts->sampler;
+    int first = x == 0;
+    x = first ? 0x9e3779b9 : x;
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    counts->sampler = x;
+    if (!first && x % SAMPLE)
         return XDP_DROP;
     struct source_key key = {};
     if (ip) {
@@ -195,9 +206,9 @@ static __always_inline int drop(struct iface_counts *counts, struct iphdr *ip,
     }
     u64 *value = dropped.lookup(&key);
     if (value) {
-        __sync_fetch_and_add(value, SAMPLE);
-    } else if (seen % INSERT_SAMPLE == 0) {
-        u64 estimate = INSERT_SAMPLE;
+        __sync_fetch_and_add(value, first ? 1 : SAMPLE);
+    } else if (first || (x / SAMPLE) % (INSERT_SAMPLE / SAMPLE) == 0) {
+        u64 estimate = first ? 1 : INSERT_SAMPLE;
         dropped.update(&key, &estimate);
     }
     return XDP_DROP;
