@@ -16,6 +16,17 @@ Lifecycle
     :meth:`close` drops the daemon's handles and leaves the filter attached and pinned;
     :meth:`detach` (and ``clearipctl xdp detach``) removes it.
 
+Ownership
+    The filter only ever replaces or removes its own program: the one pinned at
+    ``<pin_dir>/prog``, or one the kernel knows by this program's name (``clearip_xdp``: a
+    filter whose pins were lost, or another clearip daemon's, on the interfaces named). An
+    interface that carries any other XDP program (a DDoS agent, xdp-tools' xdp-filter) is left
+    alone at start, logged and listed in :meth:`status` with the program's name and id,
+    unless ``replace_foreign``; when that leaves no interface the filter is unavailable.
+    Detaching removes our program wherever it is and our pins (``prog``, ``maps-*``), and
+    reports what it left (:class:`Detached`). Which interfaces ``xdp.interfaces = "auto"``
+    means is :mod:`clearip.bpf.interfaces`.
+
 Attach modes
     ``native`` (driver XDP), ``generic`` (skb XDP) or ``auto``: generic on virtual interfaces
     (anything netlink reports a link kind for: veth, bridge, vlan, bond... and loopback), native

@@ -300,12 +300,16 @@ def xdp_detach(args: argparse.Namespace, client: Client) -> int:
         daemon = "daemon not running"
     interfaces, pin_dir = list(args.interface), args.pin_dir
     if Path(args.config).exists():
-        from clearip.relay.config import load_config
+        from clearip.relay.config import ConfigError, load_config
 
-        config = load_config(args.config)
-        if not interfaces and not isinstance(config.xdp.interfaces, str):
-            interfaces = list(config.xdp.interfaces)  # "auto": every interface is looked at
-        pin_dir = pin_dir or config.xdp.pin_dir
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:  # still detach (the package's uninstall relies on it)
+            print(f"clearipctl: {exc}; using the default pin directory", file=sys.stderr)
+        else:
+            if not interfaces and not isinstance(config.xdp.interfaces, str):
+                interfaces = list(config.xdp.interfaces)  # "auto": every interface is looked at
+            pin_dir = pin_dir or config.xdp.pin_dir
     pin_dir = pin_dir or "/sys/fs/bpf/clearip"
     report = detach_pinned(pin_dir, interfaces)
     removed = sorted({*detached, *(r.split(" ")[0] for r in report.removed)})

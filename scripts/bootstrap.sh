@@ -32,7 +32,7 @@ debian_packages() {
         pkgs+=("linux-headers-$arch")
     fi
     if [ "$dev" = 1 ]; then
-        pkgs+=(tshark rpm rpmlint cpio systemd kamailio nftables netsniff-ng prometheus)
+        pkgs+=(tshark rpm rpmlint cpio systemd kamailio nftables netsniff-ng prometheus xdp-tools)
     fi
     local missing=()
     for p in "${pkgs[@]}"; do
