@@ -56,9 +56,9 @@
 //   per packet.
 // - `dropped` is a shared LRU hash whose updates (a hash lookup, and for a new source an
 //   insertion that evicts under shared locks) cost more than everything else: it is updated on
-//   one drop in SAMPLE, chosen at random per CPU and interface, and a source not in it yet is
-//   inserted on one drop in INSERT_SAMPLE, so a spoofed flood with a new source on every
-//   packet costs about what a fixed source does.
+//   one drop in SAMPLE per CPU and interface (spread by Fibonacci hashing of the drop count),
+//   and a source not in it yet is inserted on one drop in INSERT_SAMPLE, so a spoofed flood
+//   with a new source on every packet costs about what a fixed source does.
 // - The source key and the fragment key are built only where they are used.
 
 #include <uapi/linux/bpf.h>
@@ -84,6 +84,9 @@
 #define IFACE_OTHER IFACE_SLOTS     // interfaces whose slot another interface holds
 #define SAMPLE 64                   // one drop in SAMPLE updates `dropped`, adding SAMPLE
 #define INSERT_SAMPLE (4 * SAMPLE)  // a source not in `dropped` yet: inserted on these only
+#define SAMPLE_SHIFT 58             // 64 - log2(SAMPLE): a sample when the top 6 bits are 0
+#define INSERT_SHIFT 56             // 64 - log2(INSERT_SAMPLE)
+#define GOLDEN 0x9e3779b97f4a7c15ULL  // 2^64 / golden ratio
 #define PORT_WORDS 1024             // 65536 ports / 64 bits, per protocol
 #define PORTS_TCP PORT_WORDS        // TCP words follow the UDP words
 
@@ -136,8 +139,6 @@ struct iface_counts {
     __be32 last_source;
     u32 last_generation;
     u32 last_trusted;
-    u32 sampler;  // xorshift32 state choosing the sampled drops; 0 before the first drop
-    u32 pad;
     u64 outcome[COUNTERS];
 };
 
@@ -175,24 +176,19 @@ static __always_inline int count(struct iface_counts *counts, u32 index, int act
     return action;
 }
 
-// Count a drop; on one drop in SAMPLE (chosen at random per CPU and interface) add SAMPLE
-// to the source's count in `dropped`. A source not there yet is inserted on one sample in
-// INSERT_SAMPLE / SAMPLE only, with INSERT_SAMPLE: inserting evicts, which costs more than all
-// the rest, and a spoofed flood brings a new source with every packet. The choice is random
-// (xorshift32, a few instructions; bpf_get_prandom_u32 would be a helper call) so that no
-// pattern in the traffic can keep a source out of the samples. The first drop on a CPU and
-// interface is noted too (counting 1), so a source that sent one packet can show up.
+// Count a drop; on one drop in SAMPLE add SAMPLE to the source's count in `dropped`. A source
+// not there yet is inserted on one sample in INSERT_SAMPLE / SAMPLE only, with INSERT_SAMPLE:
+// inserting evicts, which costs more than all the rest, and a spoofed flood brings a new
+// source with every packet. Which drops are samples: the slot's drop count times the golden
+// ratio (Fibonacci hashing), top bits zero. That is one multiplication, and no period in the
+// traffic lines up with it (the sampled counts fall on every residue of any period), so no
+// pattern can keep a source out of the samples. The first drop on a CPU and interface is
+// noted too (counting 1), so a source that sent one packet can show up.
 static __always_inline int drop(struct iface_counts *counts, struct iphdr *ip,
                                 struct ipv6hdr *ip6) {
-    counts->outcome[COUNTER_DROPPED_UNTRUSTED] += 1;
-    u32 x = counts->sampler;
-    int first = x == 0;
-    x = first ? 0x9e3779b9 : x;
-    x ^= x << 13;
-    x ^= x >> 17;
-    x ^= x << 5;
-    counts->sampler = x;
-    if (!first && x % SAMPLE)
+    u64 seen = counts->outcome[COUNTER_DROPPED_UNTRUSTED]++;
+    u64 mix = seen * GOLDEN;
+    if (mix >> SAMPLE_SHIFT)
         return XDP_DROP;
     struct source_key key = {};
     if (ip) {
@@ -206,9 +202,9 @@ static __always_inline int drop(struct iface_counts *counts, struct iphdr *ip,
     }
     u64 *value = dropped.lookup(&key);
     if (value) {
-        __sync_fetch_and_add(value, first ? 1 : SAMPLE);
-    } else if (first || (x / SAMPLE) % (INSERT_SAMPLE / SAMPLE) == 0) {
-        u64 estimate = first ? 1 : INSERT_SAMPLE;
+        __sync_fetch_and_add(value, seen ? SAMPLE : 1);
+    } else if (!seen || (mix >> INSERT_SHIFT) == 0) {
+        u64 estimate = seen ? INSERT_SAMPLE : 1;
         dropped.update(&key, &estimate);
     }
     return XDP_DROP;
