@@ -476,11 +476,12 @@ class EdgeFilter:
         wanted = {entry.network: entry for entry in entries}
         current = self.trusted_networks()
         for entry in wanted.values():
-            self.add_trust(entry)
+            self._put(entry.network, ROLE_VALUES.get(entry.role, 1))
         self._listed = set(wanted)
         for network in current:
             if network not in wanted:
-                self.remove_trust(network)  # upstreams stay (as upstreams)
+                self._unlist(network)  # upstreams stay (as upstreams)
+        self._trust_changed()  # once: a long list is not rewritten entry by entry
 
     def add_trust(self, entry: TrustEntry) -> None:
         self._put(entry.network, ROLE_VALUES.get(entry.role, 1))
@@ -488,12 +489,15 @@ class EdgeFilter:
         self._trust_changed()
 
     def remove_trust(self, network: IPNetwork) -> None:
+        self._unlist(network)
+        self._trust_changed()
+
+    def _unlist(self, network: IPNetwork) -> None:
         self._listed.discard(network)
         if network in self._upstreams:
             self._put(network, UPSTREAM_ROLE)  # still needed for the upstream's answers
         else:
             self._delete(network)
-        self._trust_changed()
 
     def set_upstreams(self, addresses: Iterable[str]) -> None:
         """Let the answers of these hosts (the ClearIP upstreams, resolved by the daemon) in,

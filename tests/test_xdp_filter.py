@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -258,6 +259,49 @@ def test_maps_follow_the_api(unattached: EdgeFilter) -> None:
     top = dict(unattached.top_dropped(50))
     assert top[UNTRUSTED4] >= 1
     assert sum(unattached.interface_counters()["ifindex 1"].values()) >= 1
+
+
+def test_trust_changes_reach_the_fast_paths(unattached: EdgeFilter) -> None:
+    """IPv4 verdicts come from the /16 bitmap (no trusted prefix near the source: untrusted)
+    and from each CPU's last verdict, before the LPM trie: every change to the trust list
+    reaches both at once, for prefixes shorter and longer than /16. The process stays on one
+    CPU, so the verdict that CPU remembers is the one tested."""
+    far, near = "10.20.30.40", "10.9.0.77"  # near: in the /16 of the trusted 10.9.0.1
+
+    def action(source: str) -> int:
+        return unattached.test_run(frame(source))[0]
+
+    def entry(cidr: str) -> TrustEntry:
+        return TrustEntry(parse_cidr(cidr), Role.PROVIDER)
+
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        assert action(far) == XDP_DROP  # from the bitmap
+        unattached.add_trust(entry("10.0.0.0/8"))
+        assert action(far) == XDP_PASS
+        unattached.add_trust(entry("10.20.0.0/16"))
+        unattached.remove_trust(parse_cidr("10.0.0.0/8"))
+        assert action(far) == XDP_PASS  # the /16 still covers it
+        assert action("10.21.0.1") == XDP_DROP
+        unattached.remove_trust(parse_cidr("10.20.0.0/16"))
+        assert action(far) == XDP_DROP
+        unattached.run_cost_ns(frame(near), 1000)  # this CPU now remembers "untrusted"
+        unattached.add_trust(entry(f"{near}/32"))
+        assert action(near) == XDP_PASS
+        unattached.run_cost_ns(frame(near), 1000)  # and now "trusted"
+        unattached.remove_trust(parse_cidr(f"{near}/32"))
+        assert action(near) == XDP_DROP
+        unattached.add_trust(entry("0.0.0.0/0"))
+        assert action("203.0.113.9") == XDP_PASS
+        unattached.remove_trust(parse_cidr("0.0.0.0/0"))
+        assert action("203.0.113.9") == XDP_DROP
+    finally:
+        os.sched_setaffinity(0, cpus)
+        for cidr in ("10.0.0.0/8", "10.20.0.0/16", f"{near}/32", "0.0.0.0/0"):
+            unattached.remove_trust(parse_cidr(cidr))
+    assert action(far) == XDP_DROP and action(near) == XDP_DROP
+    assert action(TRUSTED4) == XDP_PASS  # 10.9.0.1/32 untouched
 
 
 def test_top_offenders_are_sampled_and_name_the_flooder_first(unattached: EdgeFilter) -> None:
