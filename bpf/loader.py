@@ -16,6 +16,17 @@ Lifecycle
     :meth:`close` drops the daemon's handles and leaves the filter attached and pinned;
     :meth:`detach` (and ``clearipctl xdp detach``) removes it.
 
+Ownership
+    The filter only ever replaces or removes its own program: the one pinned at
+    ``<pin_dir>/prog``, or one the kernel knows by this program's name (``clearip_xdp``: a
+    filter whose pins were lost, or another clearip daemon's, on the interfaces named). An
+    interface that carries any other XDP program (a DDoS agent, xdp-tools' xdp-filter) is left
+    alone at start, logged and listed in :meth:`status` with the program's name and id,
+    unless ``replace_foreign``; when that leaves no interface the filter is unavailable.
+    Detaching removes our program wherever it is and our pins (``prog``, ``maps-*``), and
+    reports what it left (:class:`Detached`). Which interfaces ``xdp.interfaces = "auto"``
+    means is :mod:`clearip.bpf.interfaces`.
+
 Attach modes
     ``native`` (driver XDP), ``generic`` (skb XDP) or ``auto``: generic on virtual interfaces
     (anything netlink reports a link kind for: veth, bridge, vlan, bond... and loopback), native
@@ -48,7 +59,9 @@ import platform
 import shutil
 import socket
 import subprocess
+from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +81,8 @@ OUTCOMES = (
     "parse_giveup",
 )
 MODES = ("auto", "native", "generic")
+PROGRAM_NAME = "clearip_xdp"  # the kernel's name for the program: how detach recognises it
+IFACE_SLOTS = 256  # xdp_filter.c: counter slots (the last one, IFACE_OTHER, is shared)
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 FLAGS = {"generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
@@ -239,8 +254,12 @@ class EdgeFilter:
         self.interfaces = interfaces  # ifname -> "native" | "generic"
         self.prog_id = prog_id
         self._ifindex: dict[int, str] = {}
+        self.skipped: dict[str, str] = {}  # ifname -> why it was left alone (a foreign program)
         self._upstreams: set[IPNetwork] = set()  # kernel-only, see set_upstreams
         self._listed: set[IPNetwork] = set()  # what the trust list put in the maps
+        self._v4: set[IPNetwork] = set()  # IPv4 networks in trust_v4 (listed and upstreams)
+        self._slash16: Counter[int] = Counter()  # /16 -> how many of them touch it
+        self._dirty: set[int] = set()  # trust_v4_16 words to rewrite
         # Interface names mean something in one network namespace: the one start() ran in.
         # Later calls (status, detach) go there, whichever thread or namespace they come from.
         self._netns: int | None = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
@@ -257,10 +276,25 @@ class EdgeFilter:
         pin_dir: str = DEFAULT_PIN_DIR,
         trust: Iterable[TrustEntry] = (),
         emergency: Iterable[str] = (),
+        replace_foreign: bool = False,
     ) -> EdgeFilter:
-        """Load, fill, attach and pin; raises :class:`FilterUnavailable` with the fix."""
+        """Load, fill, attach and pin; raises :class:`FilterUnavailable` with the fix.
+
+        An interface that carries another product's XDP program is left alone (and listed in
+        :meth:`status` with the reason) unless ``replace_foreign``; when every interface is
+        left alone the filter is unavailable."""
         names = list(interfaces)
         wanted = {name: choose_mode(name, mode) for name in names}  # checks names and mode
+        before = {name: attached_programs(name) for name in names}
+        skipped = _foreign(before, owned_program_id(pin_dir), replace_foreign)
+        if names and len(skipped) == len(names):
+            raise FilterUnavailable(
+                "every interface carries another XDP program: "
+                + "; ".join(f"{name}: {why}" for name, why in skipped.items()),
+                "remove it, leave the interface out of xdp.interfaces, or set "
+                "[xdp] replace_foreign = true to replace it",
+            )
+        names = [name for name in names if name not in skipped]
         bcc = _bcc()
         if os.geteuid() != 0:
             raise FilterUnavailable(
@@ -278,8 +312,8 @@ class EdgeFilter:
         maps.mkdir(exist_ok=True)
         try:
             edge = cls._load(bcc, source, maps)
-            edge._set_ports("sip_udp_ports", udp_ports)
-            edge._set_ports("sip_tcp_ports", tcp_ports)
+            edge._set_ports(udp_ports, tcp_ports)
+            edge._read_trust()
             edge.set_trust(trust)
             edge.set_emergency(emergency)
         except Exception as exc:
@@ -290,8 +324,9 @@ class EdgeFilter:
             raise FilterUnavailable(
                 f"cannot fill the XDP maps: {exc}", "check the trust list and emergency numbers"
             ) from None
+        edge.skipped = skipped
         try:
-            edge._attach_all(names, wanted, fallback=mode == "auto")
+            edge._attach_all(names, wanted, before, fallback=mode == "auto")
         except FilterUnavailable:
             _forget(maps, pins, adopted, fresh_pins)
             raise
@@ -306,7 +341,7 @@ class EdgeFilter:
                 text=source.encode(),
                 cflags=[f'-DPIN_DIR="{maps}"', "-Wno-unused-value"],
             )
-            function = bpf.load_func(b"xdp_filter", bcc.BPF.XDP)
+            function = bpf.load_func(PROGRAM_NAME.encode(), bcc.BPF.XDP)
         except Exception as exc:  # bcc raises bare Exception for compile/load failures
             raise FilterUnavailable(
                 f"the XDP program did not compile or load: {exc}",
@@ -316,11 +351,17 @@ class EdgeFilter:
 
     @property
     def _fd(self) -> int:
-        return int(self.bpf.funcs[b"xdp_filter"].fd)
+        return int(self.bpf.funcs[PROGRAM_NAME.encode()].fd)
 
-    def _attach_all(self, names: list[str], wanted: dict[str, str], *, fallback: bool) -> None:
+    def _attach_all(
+        self,
+        names: list[str],
+        wanted: dict[str, str],
+        before: dict[str, dict[str, int]],
+        *,
+        fallback: bool,
+    ) -> None:
         fd = self._fd
-        before = {name: attached_programs(name) for name in names}
         changed: list[str] = []
         try:
             for name in names:
@@ -360,8 +401,9 @@ class EdgeFilter:
         syscall.obj_pin(self._fd, str(path))
 
     def _remove_stale_pins(self, keep: Path) -> None:
-        """Maps of an older program (another layout, or the flat layout of 0.1) go."""
-        for path in self.pin_dir.iterdir():
+        """Maps of an older program (another layout, or the flat layout of 0.1) go; nothing
+        else in the directory is touched."""
+        for path in _our_pins(self.pin_dir):
             if path == keep or path.name == "prog":
                 continue
             if path.is_dir():
@@ -369,17 +411,27 @@ class EdgeFilter:
             else:
                 path.unlink(missing_ok=True)
 
-    def detach(self) -> None:
-        """Remove the filter from every interface and unpin program and maps."""
+    def detach(self) -> Detached:
+        """Remove the filter from every interface where it still is (a program someone put in
+        its place stays) and unpin program and maps."""
+        report = Detached()
         with _netns(self._netns):
             for ifname, mode in list(self.interfaces.items()):
                 try:
+                    present = attached_programs(ifname).get(mode)
+                    if present is None:
+                        continue
+                    if present != self.prog_id and not _named_ours(present):
+                        report.left_alone.append(f"{ifname}: {describe_program(present)}")
+                        continue
                     _set_xdp(ifname, -1, mode)
+                    report.removed.append(f"{ifname} ({mode})")
                 except Exception as exc:  # the interface may be gone already
                     log.info("XDP detach from %s: %s", ifname, exc)
             self.interfaces.clear()
-            detach_pinned(self.pin_dir)
+            report.merge(detach_pinned(self.pin_dir))
         self.close()
+        return report
 
     def close(self) -> None:
         """Release the daemon's handles; the attached program and pinned maps stay."""
@@ -400,16 +452,14 @@ class EdgeFilter:
     def _table(self, name: str) -> Any:
         return self.bpf[name.encode()]
 
-    def _set_ports(self, name: str, ports: Iterable[int]) -> None:
-        table = self._table(name)
-        wanted = {int(p) for p in ports}
-        for port in wanted:
-            if not 0 < port < 65536:
-                raise ValueError(f"invalid port {port}")
-            table[table.Key(port)] = table.Leaf(1)
-        for key in list(table.keys()):
-            if key.value not in wanted:
-                del table[key]
+    def _set_ports(self, udp: Iterable[int], tcp: Iterable[int]) -> None:
+        """Make the ``sip_ports`` bitmap hold exactly these ports (words that change only)."""
+        table = self._table("sip_ports")
+        wanted = port_words(udp, tcp)
+        for index, word in enumerate(wanted):
+            key = table.Key(index)
+            if int(table[key].value) != word:
+                table[key] = table.Leaf(word)
 
     def _trust_key(self, network: IPNetwork) -> tuple[Any, Any]:
         if network.version == 4:
@@ -426,25 +476,28 @@ class EdgeFilter:
         wanted = {entry.network: entry for entry in entries}
         current = self.trusted_networks()
         for entry in wanted.values():
-            self.add_trust(entry)
+            self._put(entry.network, ROLE_VALUES.get(entry.role, 1))
         self._listed = set(wanted)
         for network in current:
             if network not in wanted:
-                self.remove_trust(network)  # upstreams stay (as upstreams)
+                self._unlist(network)  # upstreams stay (as upstreams)
+        self._trust_changed()  # once: a long list is not rewritten entry by entry
 
     def add_trust(self, entry: TrustEntry) -> None:
-        table, key = self._trust_key(entry.network)
-        table[key] = table.Leaf(ROLE_VALUES.get(entry.role, 1))
+        self._put(entry.network, ROLE_VALUES.get(entry.role, 1))
         self._listed.add(entry.network)
+        self._trust_changed()
 
     def remove_trust(self, network: IPNetwork) -> None:
+        self._unlist(network)
+        self._trust_changed()
+
+    def _unlist(self, network: IPNetwork) -> None:
         self._listed.discard(network)
         if network in self._upstreams:
-            self._put_upstream(network)  # still needed for the upstream's answers
-            return
-        table, key = self._trust_key(network)
-        with contextlib.suppress(KeyError):
-            del table[key]
+            self._put(network, UPSTREAM_ROLE)  # still needed for the upstream's answers
+        else:
+            self._delete(network)
 
     def set_upstreams(self, addresses: Iterable[str]) -> None:
         """Let the answers of these hosts (the ClearIP upstreams, resolved by the daemon) in,
@@ -452,16 +505,59 @@ class EdgeFilter:
         Entries the trust list also has are left to it."""
         wanted = {ipaddress.ip_network(a.split("%", 1)[0]) for a in addresses}
         for network in wanted - self._listed:
-            self._put_upstream(network)
+            self._put(network, UPSTREAM_ROLE)
         for network in self._upstreams - wanted - self._listed:
-            table, key = self._trust_key(network)
-            with contextlib.suppress(KeyError):
-                del table[key]
+            self._delete(network)
         self._upstreams = wanted
+        self._trust_changed()
 
-    def _put_upstream(self, network: IPNetwork) -> None:
+    def _put(self, network: IPNetwork, role: int) -> None:
         table, key = self._trust_key(network)
-        table[key] = table.Leaf(UPSTREAM_ROLE)
+        table[key] = table.Leaf(role)
+        if network.version == 4 and network not in self._v4:
+            self._v4.add(network)
+            self._cover(network, 1)
+
+    def _delete(self, network: IPNetwork) -> None:
+        table, key = self._trust_key(network)
+        with contextlib.suppress(KeyError):
+            del table[key]
+        if network in self._v4:
+            self._v4.discard(network)
+            self._cover(network, -1)
+
+    def _cover(self, network: IPNetwork, delta: int) -> None:
+        """Count ``network`` in (or out of) every /16 it touches (the ``trust_v4_16`` bits)."""
+        first = int(network.network_address) >> 16
+        for slash16 in range(first, first + (1 << max(0, 16 - network.prefixlen))):
+            self._slash16[slash16] += delta
+            self._dirty.add(slash16 >> 6)
+
+    def _read_trust(self) -> None:
+        """Start from what the maps hold (adopted from a previous run, or nothing) and write
+        the whole /16 bitmap once from it."""
+        self._v4 = {n for n in self.trusted_networks() if n.version == 4}
+        self._slash16.clear()
+        for network in self._v4:
+            self._cover(network, 1)
+        self._dirty = set(range(1024))
+        self._trust_changed()
+
+    def _trust_changed(self) -> None:
+        """Bring the /16 bitmap in line (the words that changed), then bump
+        ``trust_generation`` so the program forgets the IPv4 verdicts it cached per CPU. Runs
+        after the LPM maps changed: a packet that sees the new generation sees the new maps."""
+        bitmap = self._table("trust_v4_16")
+        for word_index in sorted(self._dirty):
+            word = 0
+            for bit in range(64):
+                if self._slash16.get(word_index * 64 + bit, 0) > 0:
+                    word |= 1 << bit
+            bitmap[bitmap.Key(word_index)] = bitmap.Leaf(word)
+        self._dirty.clear()
+        table = self._table("trust_generation")
+        key = table.Key(0)
+        table[key] = table.Leaf((int(table[key].value) % 0xFFFFFFFF) + 1)  # never 0 again
 
     def trusted_networks(self) -> list[IPNetwork]:
         out: list[IPNetwork] = []
@@ -488,18 +584,35 @@ class EdgeFilter:
         return sorted(_number_of(key).decode() for key in self._table("emergency"))
 
     # -- reading -------------------------------------------------------------------------------
-    def counters(self) -> dict[str, int]:
-        """Packets per outcome since the maps were created, summed over CPUs."""
+    def _slots(self) -> dict[int, list[int]]:
+        """Counts per outcome by receiving ifindex (0: interfaces counted in the shared
+        slot), summed over CPUs."""
+        out: dict[int, list[int]] = {}
         table = self._table("counters")
-        return {name: int(table.sum(table.Key(i)).value) for i, name in enumerate(OUTCOMES)}
+        for key, per_cpu in table.items():
+            other = int(key.value) == IFACE_SLOTS
+            for cpu in per_cpu:
+                totals = out.setdefault(0 if other else int(cpu.ifindex), [0] * len(OUTCOMES))
+                for i in range(len(OUTCOMES)):
+                    totals[i] += int(cpu.outcome[i])
+        return out
+
+    def counters(self) -> dict[str, int]:
+        """Packets per outcome since the maps were created, summed over CPUs and interfaces."""
+        totals = [0] * len(OUTCOMES)
+        for counts in self._slots().values():
+            totals = [a + b for a, b in zip(totals, counts, strict=True)]
+        return dict(zip(OUTCOMES, totals, strict=True))
 
     def interface_counters(self) -> dict[str, dict[str, int]]:
-        """The same per receiving interface (by name where this filter attached it)."""
+        """The same per receiving interface (by name where this filter attached it; "other"
+        for interfaces that shared a counter slot)."""
         out: dict[str, dict[str, int]] = {}
-        for key, per_cpu in self._table("iface_counters").items():
-            totals = [sum(int(cpu.outcome[i]) for cpu in per_cpu) for i in range(len(OUTCOMES))]
-            name = self._ifindex.get(int(key.value), f"ifindex {int(key.value)}")
-            out[name] = dict(zip(OUTCOMES, totals, strict=True))
+        for ifindex, counts in sorted(self._slots().items()):
+            if ifindex == 0 and not any(counts):
+                continue  # free slots
+            name = self._ifindex.get(ifindex) or ("other" if ifindex == 0 else f"ifindex {ifindex}")
+            out[name] = dict(zip(OUTCOMES, counts, strict=True))
         return out
 
     def top_dropped(self, n: int = 10) -> list[tuple[str, int]]:
@@ -526,6 +639,8 @@ class EdgeFilter:
                 except FilterUnavailable:
                     present = {}
                 out[name] = {"mode": mode, "attached": present.get(mode) == self.prog_id}
+        for name, why in self.skipped.items():
+            out[name] = {"mode": "", "attached": False, "note": why}
         return out
 
     def test_run(self, packet: bytes) -> tuple[int, bytes]:
@@ -536,6 +651,19 @@ class EdgeFilter:
         """The program's own average cost on one frame, measured by the kernel (ns); its
         counters move by ``repeat``."""
         return syscall.prog_test_run_ns(self._fd, packet, repeat)
+
+
+def port_words(udp: Iterable[int], tcp: Iterable[int]) -> list[int]:
+    """The ``sip_ports`` bitmap: 1024 64-bit words for UDP, then 1024 for TCP; bit p % 64 of
+    word p // 64 is port p."""
+    words = [0] * 2048
+    for base, ports in ((0, udp), (1024, tcp)):
+        for value in ports:
+            port = int(value)
+            if not 0 < port < 65536:
+                raise ValueError(f"invalid port {port}")
+            words[base + port // 64] |= 1 << (port % 64)
+    return words
 
 
 def _number_of(key: Any) -> bytes:
@@ -571,43 +699,157 @@ def _all_interfaces() -> list[str]:
     return [name for _, name in socket.if_nameindex()]
 
 
-def _walk(pins: Path) -> Iterator[Path]:
-    for path in sorted(pins.iterdir()):
-        if path.is_dir():
-            yield from _walk(path)
-        yield path
+LEGACY_PINS = frozenset(
+    {
+        "trust_v4",
+        "trust_v6",
+        "sip_udp_ports",
+        "sip_tcp_ports",
+        "emergency",
+        "counters",
+        "dropped",
+        "frag_dropped",
+        "iface_counters",
+    }
+)  # the flat layout of 0.1, before maps-<layout>/
 
 
-def detach_pinned(pin_dir: str | Path = DEFAULT_PIN_DIR, interfaces: Iterable[str] = ()) -> None:
-    """Remove a filter left by a previous daemon (``clearipctl xdp detach``): the pinned
-    program from the named interfaces (without names: from every interface of this namespace
-    that carries it), then every pin under ``pin_dir``. With names but no pinned program,
-    whatever XDP program those interfaces carry is removed."""
+def _our_pins(pins: Path) -> list[Path]:
+    """What this loader pins under ``pins``: ``prog``, ``maps-*/`` and the 0.1 map names."""
+    if not pins.is_dir():
+        return []
+    return [
+        path
+        for path in sorted(pins.iterdir())
+        if path.name == "prog" or path.name.startswith("maps-") or path.name in LEGACY_PINS
+    ]
+
+
+def owned_program_id(pin_dir: str | Path) -> int | None:
+    """The id of the program pinned at ``<pin_dir>/prog`` (this daemon's filter), if any."""
+    path = Path(pin_dir) / "prog"
+    if not path.exists():
+        return None
+    try:
+        fd = syscall.obj_get(str(path))
+    except OSError:
+        return None
+    try:
+        return syscall.prog_id(fd)
+    finally:
+        os.close(fd)
+
+
+def describe_program(prog_id: int) -> str:
+    """``'xdpfilt_dny_ip' (id 42)``, for messages about a program on an interface."""
+    try:
+        return f"'{syscall.prog_info_by_id(prog_id).name or '?'}' (id {prog_id})"
+    except OSError:
+        return f"id {prog_id}"
+
+
+def _named_ours(prog_id: int) -> bool:
+    try:
+        return syscall.prog_info_by_id(prog_id).name == PROGRAM_NAME
+    except OSError:
+        return False
+
+
+def is_ours(prog_id: int, pinned: int | None) -> bool:
+    """Ours: the program pinned under our pin directory, or one with our program's name (a
+    filter whose pins were lost, or another clearip daemon's)."""
+    return prog_id == pinned or _named_ours(prog_id)
+
+
+def _foreign(
+    before: dict[str, dict[str, int]], pinned: int | None, replace: bool
+) -> dict[str, str]:
+    """Interfaces to leave alone: they carry a program that is not ours (see :func:`is_ours`),
+    unless ``replace`` (then it is only logged)."""
+    out: dict[str, str] = {}
+    for name, present in before.items():
+        foreign = [prog for prog in present.values() if not is_ours(prog, pinned)]
+        if not foreign:
+            continue
+        what = ", ".join(describe_program(prog) for prog in foreign)
+        if replace:
+            log.warning("XDP on %s: replacing another program, %s (replace_foreign)", name, what)
+            continue
+        why = f"another XDP program is attached: {what}; left alone"
+        log.error(
+            "XDP on %s: %s (remove it, leave %s out of xdp.interfaces, or set [xdp] "
+            "replace_foreign = true)",
+            name,
+            why,
+            name,
+        )
+        out[name] = why
+    return out
+
+
+@dataclass
+class Detached:
+    """What a detach did: programs removed, programs left alone (not ours), pins."""
+
+    removed: list[str] = field(default_factory=list)  # "eth1 (native)"
+    left_alone: list[str] = field(default_factory=list)  # "eth2: 'xdpfilt_dny_ip' (id 42)"
+    unpinned: list[str] = field(default_factory=list)  # paths removed
+    kept: list[str] = field(default_factory=list)  # paths under the pin dir that are not ours
+
+    def merge(self, other: Detached) -> None:
+        self.removed += [r for r in other.removed if r not in self.removed]
+        self.left_alone += [r for r in other.left_alone if r not in self.left_alone]
+        self.unpinned += other.unpinned
+        self.kept += other.kept
+
+
+def detach_pinned(
+    pin_dir: str | Path = DEFAULT_PIN_DIR, interfaces: Iterable[str] = ()
+) -> Detached:
+    """Remove a filter left by a previous daemon (``clearipctl xdp detach``), then our pins
+    under ``pin_dir``. On the named interfaces our program is the pinned one or any program
+    named like ours (see :func:`is_ours`); without names every interface of this namespace is
+    looked at for the pinned program only (another clearip filter, pinned elsewhere, is not
+    this one's). Any other XDP program stays where it is, and so does anything else in
+    ``pin_dir``; the result says what was done and left."""
     pins = Path(pin_dir)
-    ours: int | None = None
-    if (pins / "prog").exists():
-        with contextlib.suppress(OSError):
-            fd = syscall.obj_get(str(pins / "prog"))
-            try:
-                ours = syscall.prog_id(fd)
-            finally:
-                os.close(fd)
+    report = Detached()
+    pinned = owned_program_id(pins)
     names = list(interfaces)
-    if not names and ours is not None:
-        names = _all_interfaces()  # wherever the pinned program is attached
-    for ifname in names:
+    for ifname in names or _all_interfaces():
         try:
             present = attached_programs(ifname)
         except FilterUnavailable:
             continue
         for mode, prog in present.items():
-            if ours is None or prog == ours:
-                with contextlib.suppress(Exception):
-                    _set_xdp(ifname, -1, mode)
+            if prog != pinned and not (names and _named_ours(prog)):
+                report.left_alone.append(f"{ifname}: {describe_program(prog)}")
+                continue
+            try:
+                _set_xdp(ifname, -1, mode)
+                report.removed.append(f"{ifname} ({mode})")
+            except OSError as exc:
+                log.info("XDP detach from %s: %s", ifname, exc)
+    for path in _our_pins(pins):
+        if path.is_dir():
+            for inner in _walk(path):
+                if inner.is_dir():
+                    inner.rmdir()
+                else:
+                    inner.unlink()
+            path.rmdir()
+        else:
+            path.unlink()
+        report.unpinned.append(str(path))
     if pins.is_dir():
-        for path in _walk(pins):
-            if path.is_dir():
-                path.rmdir()
-            else:
-                path.unlink()
-        pins.rmdir()
+        report.kept = [str(path) for path in sorted(pins.iterdir())]
+        if not report.kept:
+            pins.rmdir()
+    return report
+
+
+def _walk(pins: Path) -> Iterator[Path]:
+    for path in sorted(pins.iterdir()):
+        if path.is_dir():
+            yield from _walk(path)
+        yield path

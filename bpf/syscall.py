@@ -2,7 +2,8 @@
 
 Called directly through libc's ``syscall`` so nothing depends on which libbpf symbols a
 distribution's libbcc happens to export: pin an object, open a pinned one, open a program by
-id, read a program's id, and run a program once on a packet (BPF_PROG_TEST_RUN, for tests).
+id, read a program's id and name (to tell our XDP program from another product's), and run a
+program on a packet (BPF_PROG_TEST_RUN: tests and the cost benchmark).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from dataclasses import dataclass
 
 # bpf(2) command numbers (include/uapi/linux/bpf.h, enum bpf_cmd).
 BPF_PROG_TEST_RUN = 10
@@ -73,15 +75,42 @@ def prog_fd_by_id(prog_id: int) -> int:
     return _bpf(BPF_PROG_GET_FD_BY_ID, attr)
 
 
-def prog_id(fd: int) -> int:
-    """The kernel-wide id of the program behind ``fd`` (what netlink reports per interface)."""
-    info = ctypes.create_string_buffer(256)  # struct bpf_prog_info: type u32, id u32, ...
+@dataclass(frozen=True, slots=True)
+class ProgramInfo:
+    """What the kernel says about a loaded program (struct bpf_prog_info, the part used)."""
+
+    id: int
+    name: str  # the loader's name for it, at most 15 characters
+    tag: str  # hex digest of its instructions
+
+
+def prog_info(fd: int) -> ProgramInfo:
+    info = ctypes.create_string_buffer(256)  # struct bpf_prog_info: type u32, id u32, tag ...
     attr = _attr()
     _put(attr, 0, ctypes.c_uint32, fd)  # bpf_fd
     _put(attr, 4, ctypes.c_uint32, ctypes.sizeof(info))  # info_len
     _put(attr, 8, ctypes.c_uint64, ctypes.addressof(info))  # info
     _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
-    return int(ctypes.c_uint32.from_buffer(info, 4).value)
+    raw = info.raw
+    return ProgramInfo(
+        id=int.from_bytes(raw[4:8], "little"),
+        name=raw[64:80].split(b"\0", 1)[0].decode(errors="replace"),  # char name[16]
+        tag=raw[8:16].hex(),
+    )
+
+
+def prog_info_by_id(prog_id: int) -> ProgramInfo:
+    """The same for a program id (as netlink reports per interface)."""
+    fd = prog_fd_by_id(prog_id)
+    try:
+        return prog_info(fd)
+    finally:
+        os.close(fd)
+
+
+def prog_id(fd: int) -> int:
+    """The kernel-wide id of the program behind ``fd`` (what netlink reports per interface)."""
+    return prog_info(fd).id
 
 
 def prog_test_run(fd: int, packet: bytes) -> tuple[int, bytes]:

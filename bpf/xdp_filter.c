@@ -7,11 +7,14 @@
 // - Maps are pinned under PIN_DIR: a daemon restart or upgrade loads a new program that reuses
 //   the same maps, and the old program stays attached until the new one replaces it, so the
 //   host is never unprotected.
+// - The drop path (untrusted SIP) is what a flood exercises: on most packets it makes no
+//   helper call at all, only array lookups the verifier inlines (see "Cost" below).
 //
 // What it does
-// - SIP (a UDP or TCP destination port in sip_udp_ports / sip_tcp_ports) from a source that is
-//   not in the trust list (LPM tries trust_v4 / trust_v6) is dropped and counted; the source
-//   goes into the bounded LRU map `dropped` (top offenders).
+// - SIP (a UDP or TCP destination port set in the `sip_ports` bitmap) from a source that is
+//   not in the trust list (LPM tries trust_v4 / trust_v6) is dropped and counted. Its source
+//   goes into the bounded LRU map `dropped` (top offenders) on a sample of the drops, with
+//   the number of drops the sample stands for, so the counts there estimate packets.
 // - Everything else passes untouched: non-IP frames, other ports (SSH, DNS), our own
 //   connections' return traffic (it comes back to ephemeral ports).
 // - IPv4 with options is parsed by IHL. IPv6 whose next header is not UDP/TCP (extension
@@ -33,8 +36,30 @@
 //   traffic class (ECN bits kept), and is counted. Only the first fragment of a fragmented
 //   INVITE is marked; the reassembled datagram carries the first fragment's TOS.
 //   The relay reads the mark with IP_RECVTOS / IPV6_RECVTCLASS and handles it first.
-// - Counters: `counters` (per-CPU array, one slot per outcome) and `iface_counters` (per-CPU
-//   hash: ingress ifindex -> one slot per outcome) for the per-interface view.
+// - Counters: `counters`, a per-CPU array with one slot per receiving interface (slot =
+//   ifindex mod IFACE_SLOTS; the slot records its ifindex, and an interface whose slot another
+//   one holds on that CPU is counted in the last slot, IFACE_OTHER), one count per outcome.
+//   The totals are the sum over slots.
+//
+// Cost (BPF_PROG_TEST_RUN: python -m bench.xdp_cost). A helper call costs more than all the
+// rest of the drop path on some hosts (kernels with return-thunk mitigations), so the drop
+// path avoids them:
+// - The port check comes before the trust check: non-SIP traffic never pays for it. Ports are
+//   a bitmap in an array map (word = protocol * 1024 + port / 64), one inlined lookup (two
+//   hash maps behind one call site, as before, could not be inlined).
+// - IPv4 trust: `trust_v4_16`, a bitmap of the /16s any trusted prefix touches, answers
+//   "untrusted" for most sources of a spoofed flood; the per-CPU slot remembers the verdict
+//   for the last source, valid while `trust_generation` (bumped by the loader after every
+//   change) is unchanged, which answers a flood from one source. Only the rest pays for the
+//   LPM lookup. IPv6 always uses its LPM trie.
+// - Counters are a per-CPU array (inlined lookup, no hashing, no insertion), looked up once
+//   per packet.
+// - `dropped` is a shared LRU hash whose updates (a hash lookup, and for a new source an
+//   insertion that evicts under shared locks) cost more than everything else: it is updated on
+//   one drop in SAMPLE per CPU and interface (spread by Fibonacci hashing of the drop count),
+//   and a source not in it yet is inserted on one drop in INSERT_SAMPLE, so a spoofed flood
+//   with a new source on every packet costs about what a fixed source does.
+// - The source key and the fragment key are built only where they are used.
 
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -54,6 +79,16 @@
 #define COUNTER_EMERGENCY_MARKED 3
 #define COUNTER_PARSE_GIVEUP 4
 #define COUNTERS 5
+
+#define IFACE_SLOTS 256             // a power of two: slot = ifindex & (IFACE_SLOTS - 1)
+#define IFACE_OTHER IFACE_SLOTS     // interfaces whose slot another interface holds
+#define SAMPLE 64                   // one drop in SAMPLE updates `dropped`, adding SAMPLE
+#define INSERT_SAMPLE (4 * SAMPLE)  // a source not in `dropped` yet: inserted on these only
+#define SAMPLE_SHIFT 58             // 64 - log2(SAMPLE): a sample when the top 6 bits are 0
+#define INSERT_SHIFT 56             // 64 - log2(INSERT_SAMPLE)
+#define GOLDEN 0x9e3779b97f4a7c15ULL  // 2^64 / golden ratio
+#define PORT_WORDS 1024             // 65536 ports / 64 bits, per protocol
+#define PORTS_TCP PORT_WORDS        // TCP words follow the UDP words
 
 #define MAX_DIGITS 15
 #define DSCP_EF 46
@@ -96,53 +131,141 @@ struct frag_key {
     u8 pad;
 };
 
-struct outcome_counts {
+// One interface's counts on one CPU (ifindex 0: the slot is free; no interface has index 0),
+// and the trust verdict of the last IPv4 source seen there, valid while `trust_generation`
+// still holds the generation it was looked up in.
+struct iface_counts {
+    u32 ifindex;
+    __be32 last_source;
+    u32 last_generation;
+    u32 last_trusted;
     u64 outcome[COUNTERS];
 };
 
 BPF_TABLE_PINNED("lpm_trie", struct lpm_v4, u8, trust_v4, 65536, PIN_DIR "/trust_v4", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct lpm_v6, u8, trust_v6, 65536, PIN_DIR "/trust_v6", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("hash", u16, u8, sip_udp_ports, 64, PIN_DIR "/sip_udp_ports");
-BPF_TABLE_PINNED("hash", u16, u8, sip_tcp_ports, 64, PIN_DIR "/sip_tcp_ports");
+// Bit n: some trust_v4 entry covers part of the /16 n.0.0.0/16 (n = the top 16 bits).
+BPF_TABLE_PINNED("array", u32, u64, trust_v4_16, 1024, PIN_DIR "/trust_v4_16");
+// Bumped by the loader after every change to the trust maps; 0 until the first fill.
+BPF_TABLE_PINNED("array", u32, u32, trust_generation, 1, PIN_DIR "/trust_generation");
+BPF_TABLE_PINNED("array", u32, u64, sip_ports, 2 * PORT_WORDS, PIN_DIR "/sip_ports");
 BPF_TABLE_PINNED("hash", struct number_key, u8, emergency, 256, PIN_DIR "/emergency");
-BPF_TABLE_PINNED("percpu_array", u32, u64, counters, COUNTERS, PIN_DIR "/counters");
+BPF_TABLE_PINNED("percpu_array", u32, struct iface_counts, counters, IFACE_SLOTS + 1,
+                 PIN_DIR "/counters");
 BPF_TABLE_PINNED("lru_hash", struct source_key, u64, dropped, 4096, PIN_DIR "/dropped");
 BPF_TABLE_PINNED("lru_hash", struct frag_key, u8, frag_dropped, 4096, PIN_DIR "/frag_dropped");
-BPF_TABLE_PINNED("percpu_hash", u32, struct outcome_counts, iface_counters, 256,
-                 PIN_DIR "/iface_counters");
 
-static __always_inline int count_on(struct xdp_md *ctx, u32 index, int action) {
-    u64 *value = counters.lookup(&index);
-    if (value)
-        *value += 1;
+// This CPU's counts for the receiving interface (NULL only if the map were missing).
+static __always_inline struct iface_counts *counts_for(struct xdp_md *ctx) {
     u32 ifindex = ctx->ingress_ifindex;
-    struct outcome_counts *per_iface = iface_counters.lookup(&ifindex);
-    if (!per_iface) {
-        struct outcome_counts zero = {};
-        iface_counters.update(&ifindex, &zero);
-        per_iface = iface_counters.lookup(&ifindex);
+    u32 slot = ifindex & (IFACE_SLOTS - 1);
+    struct iface_counts *counts = counters.lookup(&slot);
+    if (!counts || counts->ifindex == ifindex)
+        return counts;
+    if (counts->ifindex == 0) {  // first packet of this interface on this CPU
+        counts->ifindex = ifindex;
+        return counts;
     }
-    if (per_iface && index < COUNTERS)
-        per_iface->outcome[index] += 1;
+    slot = IFACE_OTHER;
+    return counters.lookup(&slot);
+}
+
+static __always_inline int count(struct iface_counts *counts, u32 index, int action) {
+    if (index < COUNTERS)
+        counts->outcome[index] += 1;
     return action;
 }
 
-#define count(index, action) count_on(ctx, (index), (action))
-
-static __always_inline void note_dropped(struct source_key *key) {
-    u64 one = 1;
-    u64 *value = dropped.lookup(key);
-    if (value)
-        __sync_fetch_and_add(value, 1);
-    else
-        dropped.update(key, &one);
+// Count a drop; on one drop in SAMPLE add SAMPLE to the source's count in `dropped`. A source
+// not there yet is inserted on one sample in INSERT_SAMPLE / SAMPLE only, with INSERT_SAMPLE:
+// inserting evicts, which costs more than all the rest, and a spoofed flood brings a new
+// source with every packet. Which drops are samples: the slot's drop count times the golden
+// ratio (Fibonacci hashing), top bits zero. That is one multiplication, and no period in the
+// traffic lines up with it (the sampled counts fall on every residue of any period), so no
+// pattern can keep a source out of the samples. The first drop on a CPU and interface is
+// noted too (counting 1), so a source that sent one packet can show up.
+static __always_inline int drop(struct iface_counts *counts, struct iphdr *ip,
+                                struct ipv6hdr *ip6) {
+    u64 seen = counts->outcome[COUNTER_DROPPED_UNTRUSTED]++;
+    u64 mix = seen * GOLDEN;
+    if (mix >> SAMPLE_SHIFT)
+        return XDP_DROP;
+    struct source_key key = {};
+    if (ip) {
+        key.family = 4;
+        __builtin_memcpy(key.addr, &ip->saddr, 4);
+    } else if (ip6) {
+        key.family = 6;
+        __builtin_memcpy(key.addr, &ip6->saddr, 16);
+    } else {
+        return XDP_DROP;
+    }
+    u64 *value = dropped.lookup(&key);
+    if (value) {
+        __sync_fetch_and_add(value, seen ? SAMPLE : 1);
+    } else if (!seen || (mix >> INSERT_SHIFT) == 0) {
+        u64 estimate = seen ? INSERT_SAMPLE : 1;
+        dropped.update(&key, &estimate);
+    }
+    return XDP_DROP;
 }
 
 static __always_inline int is_sip_port(u8 protocol, __be16 port) {
-    u16 host_port = ntohs(port);
-    if (protocol == IPPROTO_UDP)
-        return sip_udp_ports.lookup(&host_port) != NULL;
-    return sip_tcp_ports.lookup(&host_port) != NULL;
+    u32 host_port = ntohs(port);
+    u32 index = (host_port >> 6) + (protocol == IPPROTO_TCP ? PORTS_TCP : 0);
+    u64 *word = sip_ports.lookup(&index);
+    return word && ((*word >> (host_port & 63)) & 1);
+}
+
+static __always_inline int trusted_v4(__be32 saddr) {
+    struct lpm_v4 key = {.prefixlen = 32, .addr = saddr};
+    return trust_v4.lookup(&key) != NULL;
+}
+
+// The same, cheaper where possible: no trusted prefix in the source's /16 (the `trust_v4_16`
+// bitmap: a spoofed flood's sources, mostly) means untrusted; the slot's last verdict answers
+// when the source and the trust generation are the ones it was made for (a flood from one
+// source); only the rest pays for the LPM lookup, a helper call.
+static __always_inline int trusted_v4_fast(struct iface_counts *counts, __be32 saddr) {
+    u32 top = ntohl(saddr) >> 16;
+    u32 index = top >> 6;
+    u64 *word = trust_v4_16.lookup(&index);
+    if (word && !((*word >> (top & 63)) & 1))
+        return 0;
+    u32 zero = 0;
+    u32 *generation = trust_generation.lookup(&zero);
+    if (!generation || *generation == 0)
+        return trusted_v4(saddr);
+    u32 now = *generation;  // read before the lookup: a change after it bumps it again
+    if (counts->last_source == saddr && counts->last_generation == now)
+        return counts->last_trusted;
+    int trusted = trusted_v4(saddr);
+    counts->last_source = saddr;
+    counts->last_generation = now;
+    counts->last_trusted = trusted;
+    return trusted;
+}
+
+static __always_inline int trusted_v6(struct ipv6hdr *ip6) {
+    struct lpm_v6 key = {.prefixlen = 128};
+    __builtin_memcpy(key.addr, &ip6->saddr, 16);
+    return trust_v6.lookup(&key) != NULL;
+}
+
+static __always_inline struct frag_key fragment_of(struct iphdr *ip) {
+    struct frag_key key = {
+        .saddr = ip->saddr, .daddr = ip->daddr, .id = ip->id, .protocol = ip->protocol};
+    return key;
+}
+
+// A later IPv4 fragment: no ports to look at (see the header comment).
+static __always_inline int later_fragment(struct iface_counts *counts, struct iphdr *ip) {
+    if (trusted_v4(ip->saddr))
+        return count(counts, COUNTER_PASSED_TRUSTED, XDP_PASS);
+    struct frag_key key = fragment_of(ip);
+    if (frag_dropped.lookup(&key))
+        return drop(counts, ip, NULL);
+    return count(counts, COUNTER_PARSE_GIVEUP, XDP_PASS);
 }
 
 // 1 when the UDP payload is an INVITE to an emergency number.
@@ -219,12 +342,54 @@ static __always_inline void mark_ipv6_ef(struct ipv6hdr *ip6) {
     ip6->flow_lbl[0] = (u8)(((tclass & 0x0c) << 4) | (ip6->flow_lbl[0] & 0x3f));
 }
 
-int xdp_filter(struct xdp_md *ctx) {
+// Ports, trust, verdict. Inlined once for IPv4 (ip6 NULL) and once for IPv6 (ip NULL), so
+// each copy knows its family at compile time: the verifier cannot follow "exactly one of ip
+// and ip6 is set" through one shared copy.
+static __always_inline int filter_l4(struct iface_counts *counts, void *end, void *l4,
+                                     u8 l4_protocol, struct iphdr *ip, struct ipv6hdr *ip6) {
+    __be16 dport;
+    u8 *payload = NULL;
+    if (l4_protocol == IPPROTO_UDP) {
+        struct udphdr *udp = l4;
+        if ((void *)(udp + 1) > end)
+            return count(counts, COUNTER_PARSE_GIVEUP, XDP_PASS);
+        dport = udp->dest;
+        payload = (u8 *)(udp + 1);
+    } else {
+        struct tcphdr *tcp = l4;
+        if ((void *)(tcp + 1) > end)
+            return count(counts, COUNTER_PARSE_GIVEUP, XDP_PASS);
+        dport = tcp->dest;
+    }
+    if (!is_sip_port(l4_protocol, dport))
+        return count(counts, COUNTER_PASSED_NON_SIP, XDP_PASS);
+    if (ip ? !trusted_v4_fast(counts, ip->saddr) : !trusted_v6(ip6)) {
+        if (ip && (ip->frag_off & htons(0x2000))) {  // a first fragment: more follow
+            struct frag_key key = fragment_of(ip);
+            u8 one = 1;
+            frag_dropped.update(&key, &one);
+        }
+        return drop(counts, ip, ip6);
+    }
+    if (payload && is_emergency_invite(payload, end)) {
+        if (ip)
+            mark_ipv4_ef(ip);
+        else
+            mark_ipv6_ef(ip6);
+        count(counts, COUNTER_EMERGENCY_MARKED, XDP_PASS);
+    }
+    return count(counts, COUNTER_PASSED_TRUSTED, XDP_PASS);
+}
+
+int clearip_xdp(struct xdp_md *ctx) {
     void *data = (void *)(long)ctx->data;
     void *end = (void *)(long)ctx->data_end;
+    struct iface_counts *counts = counts_for(ctx);
+    if (!counts)
+        return XDP_PASS;  // cannot happen: the map has every slot
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > end)
-        return count(COUNTER_PARSE_GIVEUP, XDP_PASS);
+        return count(counts, COUNTER_PARSE_GIVEUP, XDP_PASS);
 
     u16 proto = eth->h_proto;
     void *cursor = eth + 1;
@@ -233,99 +398,37 @@ int xdp_filter(struct xdp_md *ctx) {
         if (proto == htons(ETH_P_8021Q) || proto == htons(ETH_P_8021AD)) {
             struct vlan_hdr *vlan = cursor;
             if ((void *)(vlan + 1) > end)
-                return count(COUNTER_PARSE_GIVEUP, XDP_PASS);
+                return count(counts, COUNTER_PARSE_GIVEUP, XDP_PASS);
             proto = vlan->proto;
             cursor = vlan + 1;
         }
     }
 
-    struct source_key source = {};
-    struct frag_key first_fragment = {};
-    u8 l4_protocol;
-    void *l4;
-    int trusted;
-    struct iphdr *ip = NULL;
-    struct ipv6hdr *ip6 = NULL;
-
     if (proto == htons(ETH_P_IP)) {
-        ip = cursor;
+        struct iphdr *ip = cursor;
         if ((void *)(ip + 1) > end)
-            return count(COUNTER_PARSE_GIVEUP, XDP_PASS);
+            return count(counts, COUNTER_PARSE_GIVEUP, XDP_PASS);
         u32 header_length = ip->ihl * 4;
         if (header_length < sizeof(*ip) || cursor + header_length > end)
-            return count(COUNTER_PARSE_GIVEUP, XDP_PASS);
-        l4_protocol = ip->protocol;
+            return count(counts, COUNTER_PARSE_GIVEUP, XDP_PASS);
+        u8 l4_protocol = ip->protocol;
         if (l4_protocol != IPPROTO_UDP && l4_protocol != IPPROTO_TCP)
-            return count(COUNTER_PASSED_NON_SIP, XDP_PASS);
-        struct lpm_v4 key = {.prefixlen = 32, .addr = ip->saddr};
-        trusted = trust_v4.lookup(&key) != NULL;
-        source.family = 4;
-        __builtin_memcpy(source.addr, &ip->saddr, 4);
-        struct frag_key frag = {
-            .saddr = ip->saddr, .daddr = ip->daddr, .id = ip->id, .protocol = l4_protocol};
-        if (ip->frag_off & htons(0x1fff)) {
-            // A later fragment: no ports to look at (see the header comment).
-            if (trusted)
-                return count(COUNTER_PASSED_TRUSTED, XDP_PASS);
-            if (frag_dropped.lookup(&frag)) {
-                note_dropped(&source);
-                return count(COUNTER_DROPPED_UNTRUSTED, XDP_DROP);
-            }
-            return count(COUNTER_PARSE_GIVEUP, XDP_PASS);
-        }
-        if (ip->frag_off & htons(0x2000))
-            first_fragment = frag;  // more fragments follow: remember it if dropped
-        l4 = cursor + header_length;
-    } else if (proto == htons(ETH_P_IPV6)) {
-        ip6 = cursor;
+            return count(counts, COUNTER_PASSED_NON_SIP, XDP_PASS);
+        if (ip->frag_off & htons(0x1fff))
+            return later_fragment(counts, ip);
+        return filter_l4(counts, end, cursor + header_length, l4_protocol, ip, NULL);
+    }
+    if (proto == htons(ETH_P_IPV6)) {
+        struct ipv6hdr *ip6 = cursor;
         if ((void *)(ip6 + 1) > end)
-            return count(COUNTER_PARSE_GIVEUP, XDP_PASS);
-        l4_protocol = ip6->nexthdr;
+            return count(counts, COUNTER_PARSE_GIVEUP, XDP_PASS);
+        u8 l4_protocol = ip6->nexthdr;
         if (l4_protocol != IPPROTO_UDP && l4_protocol != IPPROTO_TCP) {
             if (l4_protocol == 58)  // ICMPv6: neighbour discovery must flow
-                return count(COUNTER_PASSED_NON_SIP, XDP_PASS);
-            return count(COUNTER_PARSE_GIVEUP, XDP_PASS);
+                return count(counts, COUNTER_PASSED_NON_SIP, XDP_PASS);
+            return count(counts, COUNTER_PARSE_GIVEUP, XDP_PASS);
         }
-        struct lpm_v6 key = {.prefixlen = 128};
-        __builtin_memcpy(key.addr, &ip6->saddr, 16);
-        trusted = trust_v6.lookup(&key) != NULL;
-        source.family = 6;
-        __builtin_memcpy(source.addr, &ip6->saddr, 16);
-        l4 = ip6 + 1;
-    } else {
-        return count(COUNTER_PASSED_NON_SIP, XDP_PASS);
+        return filter_l4(counts, end, ip6 + 1, l4_protocol, NULL, ip6);
     }
-
-    __be16 dport;
-    u8 *payload = NULL;
-    if (l4_protocol == IPPROTO_UDP) {
-        struct udphdr *udp = l4;
-        if ((void *)(udp + 1) > end)
-            return count(COUNTER_PARSE_GIVEUP, XDP_PASS);
-        dport = udp->dest;
-        payload = (u8 *)(udp + 1);
-    } else {
-        struct tcphdr *tcp = l4;
-        if ((void *)(tcp + 1) > end)
-            return count(COUNTER_PARSE_GIVEUP, XDP_PASS);
-        dport = tcp->dest;
-    }
-    if (!is_sip_port(l4_protocol, dport))
-        return count(COUNTER_PASSED_NON_SIP, XDP_PASS);
-    if (!trusted) {
-        note_dropped(&source);
-        if (first_fragment.protocol) {
-            u8 one = 1;
-            frag_dropped.update(&first_fragment, &one);
-        }
-        return count(COUNTER_DROPPED_UNTRUSTED, XDP_DROP);
-    }
-    if (payload && is_emergency_invite(payload, end)) {
-        if (ip)
-            mark_ipv4_ef(ip);
-        else if (ip6)
-            mark_ipv6_ef(ip6);
-        count(COUNTER_EMERGENCY_MARKED, XDP_PASS);
-    }
-    return count(COUNTER_PASSED_TRUSTED, XDP_PASS);
+    return count(counts, COUNTER_PASSED_NON_SIP, XDP_PASS);
 }

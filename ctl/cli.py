@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     xdp = sub.add_parser("xdp", help="the kernel filter").add_subparsers(
         dest="action", required=True
     )
-    detach = xdp.add_parser("detach", help="remove the XDP filter and its pinned maps")
+    detach = xdp.add_parser(
+        "detach", help="remove this XDP filter and its pinned maps (never another program)"
+    )
     detach.add_argument(
         "--config",
         default="/etc/clearip-proxy/proxy.toml",
@@ -161,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--interface",
         action="append",
         default=[],
-        help="interface to detach from (default: xdp.interfaces)",
+        help="interface to detach from (default: xdp.interfaces; with auto, every one); only "
+        "this filter's program is removed, another XDP program stays",
     )
     steering = sub.add_parser(
         "steering", help="the kernel program steering calls to worker processes"
@@ -359,8 +362,9 @@ class _HepSender:
 
 
 def xdp_detach(args: argparse.Namespace, client: Client) -> int:
-    """The daemon detaches its own filter (it then keeps checking sources itself); whatever
-    is still pinned or attached afterwards (no daemon, or one from an older run) goes too."""
+    """The daemon detaches its own filter (it then keeps checking sources itself); whatever of
+    ours is still pinned or attached afterwards (no daemon, or one from an older run) goes too.
+    Another product's XDP program is never removed: it is named in the output."""
     from clearip.bpf.loader import detach_pinned
 
     detached: list[str] = []
@@ -374,15 +378,25 @@ def xdp_detach(args: argparse.Namespace, client: Client) -> int:
         daemon = "daemon not running"
     interfaces, pin_dir = list(args.interface), args.pin_dir
     if Path(args.config).exists():
-        from clearip.relay.config import load_config
+        from clearip.relay.config import ConfigError, load_config
 
-        config = load_config(args.config)
-        interfaces = interfaces or list(config.xdp.interfaces)
-        pin_dir = pin_dir or config.xdp.pin_dir
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:  # still detach (the package's uninstall relies on it)
+            print(f"clearipctl: {exc}; using the default pin directory", file=sys.stderr)
+        else:
+            if not interfaces and not isinstance(config.xdp.interfaces, str):
+                interfaces = list(config.xdp.interfaces)  # "auto": every interface is looked at
+            pin_dir = pin_dir or config.xdp.pin_dir
     pin_dir = pin_dir or "/sys/fs/bpf/clearip"
-    detach_pinned(pin_dir, interfaces)
-    where = ", ".join(sorted({*detached, *interfaces})) or "every interface carrying it"
-    print(f"kernel filter detached from {where}; {pin_dir} removed ({daemon})")
+    report = detach_pinned(pin_dir, interfaces)
+    removed = sorted({*detached, *(r.split(" ")[0] for r in report.removed)})
+    where = ", ".join(removed) or "no interface (none carried it)"
+    print(f"kernel filter detached from {where}; {pin_dir} cleared ({daemon})")
+    for item in report.left_alone:
+        print(f"left alone, not ours: {item}")
+    if report.kept:
+        print(f"kept in {pin_dir}, not ours: {', '.join(report.kept)}")
     return EXIT_OK
 
 

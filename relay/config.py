@@ -81,14 +81,20 @@ class TlsConfig:
     peers_verify: bool = True
 
 
+AUTO_INTERFACES = "auto"
+
+
 @dataclass(frozen=True, slots=True)
 class XdpConfig:
     enabled: bool = True
-    interfaces: tuple[str, ...] = ()
+    # Interface names, or "auto": those carrying the listeners' addresses, chosen at start
+    # (clearip.bpf.interfaces).
+    interfaces: tuple[str, ...] | str = AUTO_INTERFACES
     mode: str = "auto"
     udp_ports: tuple[int, ...] = (5060,)
     tcp_ports: tuple[int, ...] = (5060, 5061)
     pin_dir: str = "/sys/fs/bpf/clearip"
+    replace_foreign: bool = False  # replace another product's XDP program on an interface
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +233,21 @@ def _port(value: int, key: str) -> int:
     if not 0 <= value <= 65535:
         raise ConfigError(f"{key} = {value} is invalid: use a port number from 1 to 65535")
     return value
+
+
+def _interfaces(x: _Reader) -> tuple[str, ...] | str:
+    """``xdp.interfaces``: "auto" or a list of interface names (whether they exist here is
+    checked when the daemon starts: the file may be checked on another host)."""
+    hint = 'use "auto" or interface names, e.g. ["eth0", "eth1"]'
+    value = x.table.get("interfaces", AUTO_INTERFACES)
+    if value == AUTO_INTERFACES:
+        x.used.add("interfaces")
+        return AUTO_INTERFACES
+    names = x.str_list("interfaces", (), hint)
+    for name in names:
+        if not name or len(name) > 15 or "/" in name or name.strip() != name:
+            raise ConfigError(f"xdp.interfaces has {name!r}: not an interface name ({hint})")
+    return names
 
 
 def _listener(item: Any, index: int) -> ListenerSpec:
@@ -453,7 +474,7 @@ def config_from_data(data: dict[str, Any]) -> ProxyConfig:
         raise ConfigError(f"xdp.mode = {mode!r} is invalid: use auto, native or generic")
     xdp = XdpConfig(
         enabled=x.get("enabled", bool, True, "use true or false"),
-        interfaces=x.str_list("interfaces", (), 'use interface names, e.g. ["eth0"]'),
+        interfaces=_interfaces(x),
         mode=mode,
         udp_ports=tuple(
             _port(v, "xdp.udp_ports") for v in x.int_list("udp_ports", (5060,), "use ports")
@@ -462,6 +483,7 @@ def config_from_data(data: dict[str, Any]) -> ProxyConfig:
             _port(v, "xdp.tcp_ports") for v in x.int_list("tcp_ports", (5060, 5061), "use ports")
         ),
         pin_dir=x.get("pin_dir", str, "/sys/fs/bpf/clearip", "use a path under /sys/fs/bpf"),
+        replace_foreign=x.get("replace_foreign", bool, False, "use true or false"),
     )
     x.finish()
 

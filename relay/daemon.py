@@ -540,7 +540,9 @@ def _answers_probe(response: Response) -> bool:
 
 async def start_kernel_filter(config: ProxyConfig, policy: SourcePolicy) -> None:
     """Load the XDP filter for ``policy`` (the daemon's, or the supervisor's when workers
-    run); when it cannot load, one error with the fix, and the relay checks sources itself."""
+    run); when it cannot load, one error with the fix, and the relay checks sources itself.
+    ``xdp.interfaces = "auto"``: the interfaces carrying the listeners' addresses; a listed
+    name this host does not have stops the start (OSError naming it)."""
     xdp = config.xdp
     if not xdp.enabled:
         policy.attach_kernel(None, "disabled in the config (xdp.enabled)")
@@ -548,17 +550,46 @@ async def start_kernel_filter(config: ProxyConfig, policy: SourcePolicy) -> None
     if not xdp.interfaces:
         policy.attach_kernel(None, "no interfaces configured (xdp.interfaces)")
         return
+    import socket
+
+    from clearip.bpf.interfaces import pick, read_links
     from clearip.bpf.loader import EdgeFilter, FilterUnavailable
 
-    def load() -> EdgeFilter:
+    auto = xdp.interfaces == "auto"
+
+    def interfaces() -> list[str]:
+        if auto:
+            chosen = pick(read_links(), [spec.address for spec in config.listeners])
+            for note in chosen.notes:
+                log.info("xdp.interfaces = auto: %s", note)
+            return list(chosen.names)
+        missing = []
+        for name in xdp.interfaces:
+            try:
+                socket.if_nametoindex(name)
+            except OSError:
+                missing.append(name)
+        if missing:
+            raise OSError(
+                errno.ENODEV,
+                f"xdp.interfaces lists {', '.join(map(repr, missing))}, which this host does "
+                'not have (check the config against `ip link`, or use interfaces = "auto")',
+            )
+        return list(xdp.interfaces)
+
+    def load() -> EdgeFilter | None:
+        names = interfaces()
+        if not names:
+            return None
         return EdgeFilter.start(
-            interfaces=list(xdp.interfaces),
+            interfaces=names,
             mode=xdp.mode,
             udp_ports=xdp.udp_ports,
             tcp_ports=xdp.tcp_ports,
             pin_dir=xdp.pin_dir,
             trust=policy.trust,
             emergency=policy.emergency.numbers(),
+            replace_foreign=xdp.replace_foreign,
         )
 
     try:
@@ -572,7 +603,16 @@ async def start_kernel_filter(config: ProxyConfig, policy: SourcePolicy) -> None
         )
         policy.attach_kernel(None, exc.reason)
         return
-    policy.attach_kernel(edge)
+    if edge is None:
+        listening = ", ".join(sorted({spec.address for spec in config.listeners}))
+        policy.attach_kernel(
+            None,
+            f"xdp.interfaces = auto found no interface to protect (listening on "
+            f"{listening}; loopback is never filtered)",
+        )
+        log.warning("kernel filter off: %s", policy.kernel_error)
+        return
+    policy.attach_kernel(edge, chosen_by="auto" if auto else "")
     log.info("kernel filter on: %s", policy.describe_kernel())
 
 

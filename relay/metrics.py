@@ -197,8 +197,18 @@ def _kernel_families(kernel: dict[str, Any] | None) -> Iterable[Metric]:
             )
         for outcome, value in kernel.get("counters", {}).items():
             packets.add_metric([outcome], value)
+    per_interface = CounterMetricFamily(
+        "clearip_xdp_interface_packets",
+        "Packets seen by the XDP filter, by receiving interface and outcome",
+        labels=["interface", "outcome"],
+    )
+    if kernel:
+        for iface, counts in kernel.get("per_interface", {}).items():
+            for outcome, value in counts.items():
+                per_interface.add_metric([iface, outcome], value)
     yield attached
     yield packets
+    yield per_interface
 
 
 def registry_for(snapshot: Callable[[], dict[str, Any]]) -> CollectorRegistry:

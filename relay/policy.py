@@ -78,6 +78,7 @@ class SourcePolicy:
         )
         self.kernel: KernelFilter | None = None
         self.kernel_error: str | None = "not started"
+        self.kernel_chosen_by = ""  # "auto" when xdp.interfaces = "auto" picked them
         self.upstreams: list[str] = []
 
     @classmethod
@@ -95,9 +96,14 @@ class SourcePolicy:
             load_trust_file(trust_file), trust_file, emergency, state_dir, config_numbers=config
         )
 
-    def attach_kernel(self, kernel: KernelFilter | None, error: str | None = None) -> None:
+    def attach_kernel(
+        self, kernel: KernelFilter | None, error: str | None = None, *, chosen_by: str = ""
+    ) -> None:
+        """The kernel filter now in use (or None and why); ``chosen_by`` says how its
+        interfaces were chosen ("auto"), for the status line."""
         self.kernel = kernel
         self.kernel_error = error
+        self.kernel_chosen_by = chosen_by if kernel is not None else ""
         if kernel is not None and self.upstreams:
             self.set_upstreams(self.upstreams)
 
@@ -282,13 +288,18 @@ class SourcePolicy:
         return status
 
     def describe_kernel(self) -> str:
-        """``on (eth1 native, eth2 generic)`` or ``off (reason)``, for status lines."""
+        """``on (eth1 native, eth2 generic)``, ``on (auto: eth1 native; eth2 skipped: why)``
+        or ``off (reason)``, for status lines."""
         if self.kernel is None:
             return f"off ({self.kernel_error})"
-        parts = []
+        parts, skipped = [], []
         for name, state in self.kernel.status().items():
-            parts.append(f"{name} {state['mode']}" + ("" if state.get("attached") else " LOST"))
-        return f"on ({', '.join(parts) or 'no interfaces'})"
+            if state.get("note"):
+                skipped.append(f"{name} skipped: {state['note']}")
+            else:
+                parts.append(f"{name} {state['mode']}" + ("" if state.get("attached") else " LOST"))
+        prefix = f"{self.kernel_chosen_by}: " if self.kernel_chosen_by else ""
+        return f"on ({prefix}{'; '.join([', '.join(parts) or 'no interfaces', *skipped])})"
 
 
 def _saved_emergency(path: Path, config: list[str]) -> EmergencyNumbers | None:

@@ -32,7 +32,8 @@ debian_packages() {
         pkgs+=("linux-headers-$arch")
     fi
     if [ "$dev" = 1 ]; then
-        pkgs+=(tshark rpm rpmlint cpio systemd kamailio nftables netsniff-ng prometheus sngrep)
+        pkgs+=(tshark rpm rpmlint cpio systemd kamailio nftables netsniff-ng prometheus sngrep
+            xdp-tools)
     fi
     local missing=()
     for p in "${pkgs[@]}"; do

@@ -105,7 +105,7 @@ def test_live_keys_are_applied(changes: dict[str, Any], key: str, old: str, new:
         ({"outbound": UpstreamConfig(ca_file="/etc/ca.pem")}, "upstream.outbound.ca_file", '""',
          '"/etc/ca.pem"'),
         ({"xdp": XdpConfig(enabled=False)}, "xdp.enabled", "true", "false"),
-        ({"xdp": XdpConfig(interfaces=("eth1",))}, "xdp.interfaces", "[]", '["eth1"]'),
+        ({"xdp": XdpConfig(interfaces=("eth1",))}, "xdp.interfaces", '"auto"', '["eth1"]'),
         ({"metrics_enabled": False}, "metrics.enabled", "true", "false"),
         ({"metrics_address": "0.0.0.0"}, "metrics.address", '"127.0.0.1"', '"0.0.0.0"'),
         ({"metrics_port": 9478}, "metrics.port", "9477", "9478"),

@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -259,6 +261,75 @@ def test_maps_follow_the_api(unattached: EdgeFilter) -> None:
     assert sum(unattached.interface_counters()["ifindex 1"].values()) >= 1
 
 
+def test_trust_changes_reach_the_fast_paths(unattached: EdgeFilter) -> None:
+    """IPv4 verdicts come from the /16 bitmap (no trusted prefix near the source: untrusted)
+    and from each CPU's last verdict, before the LPM trie: every change to the trust list
+    reaches both at once, for prefixes shorter and longer than /16. The process stays on one
+    CPU, so the verdict that CPU remembers is the one tested."""
+    far, near = "10.20.30.40", "10.9.0.77"  # near: in the /16 of the trusted 10.9.0.1
+
+    def action(source: str) -> int:
+        return unattached.test_run(frame(source))[0]
+
+    def entry(cidr: str) -> TrustEntry:
+        return TrustEntry(parse_cidr(cidr), Role.PROVIDER)
+
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        assert action(far) == XDP_DROP  # from the bitmap
+        unattached.add_trust(entry("10.0.0.0/8"))
+        assert action(far) == XDP_PASS
+        unattached.add_trust(entry("10.20.0.0/16"))
+        unattached.remove_trust(parse_cidr("10.0.0.0/8"))
+        assert action(far) == XDP_PASS  # the /16 still covers it
+        assert action("10.21.0.1") == XDP_DROP
+        unattached.remove_trust(parse_cidr("10.20.0.0/16"))
+        assert action(far) == XDP_DROP
+        unattached.run_cost_ns(frame(near), 1000)  # this CPU now remembers "untrusted"
+        unattached.add_trust(entry(f"{near}/32"))
+        assert action(near) == XDP_PASS
+        unattached.run_cost_ns(frame(near), 1000)  # and now "trusted"
+        unattached.remove_trust(parse_cidr(f"{near}/32"))
+        assert action(near) == XDP_DROP
+        unattached.add_trust(entry("0.0.0.0/0"))
+        assert action("203.0.113.9") == XDP_PASS
+        unattached.remove_trust(parse_cidr("0.0.0.0/0"))
+        assert action("203.0.113.9") == XDP_DROP
+    finally:
+        os.sched_setaffinity(0, cpus)
+        for cidr in ("10.0.0.0/8", "10.20.0.0/16", f"{near}/32", "0.0.0.0/0"):
+            unattached.remove_trust(parse_cidr(cidr))
+    assert action(far) == XDP_DROP and action(near) == XDP_DROP
+    assert action(TRUSTED4) == XDP_PASS  # 10.9.0.1/32 untouched
+
+
+def test_top_offenders_are_sampled_and_name_the_flooder_first(unattached: EdgeFilter) -> None:
+    """One drop in 64, chosen at random, updates the top-offender map with 64 (a new source is
+    inserted on one drop in 256, with 256): a flooder's count stays close to what it sent
+    (within 6 standard deviations of the sampling), and it comes first, ahead of a lesser
+    offender mixed with a spoofed flood (a new source per packet, every fourth packet, a
+    pattern that must not hide the lesser one), whose sources get estimates, not one entry
+    per packet."""
+    flooder, lesser = "192.0.2.77", "192.0.2.78"
+    before = dict(unattached.top_dropped(4096))
+    unattached.run_cost_ns(frame(flooder), 100_000)  # 100,000 drops in a row
+    lesser_frame = frame(lesser)
+    spoofed = [f"198.18.{i // 250}.{i % 250 + 1}" for i in range(1000)]
+    template = bytearray(frame(spoofed[0]))
+    for source in spoofed:  # 1,000 spoofed sources, each between three of the lesser's
+        template[26:30] = socket.inet_aton(source)  # the IPv4 source (the filter ignores the sum)
+        assert unattached.test_run(bytes(template))[0] == XDP_DROP
+        for _ in range(3):  # one run each: a repeated test run is slow to set up
+            unattached.test_run(lesser_frame)
+    top = unattached.top_dropped(3)
+    assert [address for address, _ in top[:2]] == [flooder, lesser]
+    assert abs(top[0][1] - before.get(flooder, 0) - 100_000) <= 15_000
+    assert abs(top[1][1] - before.get(lesser, 0) - 3000) <= 1800
+    listed = dict(unattached.top_dropped(4096))
+    assert sum(listed.get(source, 0) for source in spoofed) <= 1000 + 256
+
+
 # -- 2. in namespaces ----------------------------------------------------------------------------
 
 
@@ -422,20 +493,21 @@ def test_untrusted_sip_dropped_trusted_and_non_sip_pass(
     # plus the rest of the TCP handshake.
     assert counters["dropped_untrusted"] >= 2 * len(untrusted) + 1
     assert counters["passed_trusted"] >= 2 * len(trusted) + 2
+    # Top offenders are sampled (test_top_offenders_* below): the first drop on each CPU and
+    # interface is a sample, so some untrusted host is listed, and never a trusted one.
     offenders = dict(edge.top_dropped())
-    for address in (hosts["untrusted"].ipv4, hosts["untrusted"].ipv6):
-        assert offenders[address] >= 1
-    if vlans:
-        assert offenders[hosts["untrusted.vlan20"].ipv4] == 1
+    untrusted_sources = {getattr(hosts[h], v) for h in untrusted for v in ("ipv4", "ipv6")}
+    assert offenders and set(offenders) <= untrusted_sources
     per_interface = edge.interface_counters()
     assert per_interface[topo.proxy_ifs["untrusted"]]["dropped_untrusted"] >= 3
     assert per_interface[topo.proxy_ifs["trusted"]].get("dropped_untrusted") == 0
 
 
+@pytest.mark.parametrize("mode", ["generic", "native"])
 def test_emergency_invite_arrives_marked_ef(
-    topo: Topology, listener: Listener, filters: Callable[[str], EdgeFilter]
+    topo: Topology, listener: Listener, filters: Callable[[str], EdgeFilter], mode: str
 ) -> None:
-    edge = filters("generic")
+    edge = filters(mode)
     send_udp(topo, "trusted", EMERGENCY)
     send_udp(topo, "trusted", INVITE)
     send_udp(topo, "trusted", EMERGENCY.replace(b"sip:911@proxy", b"tel:+9-3-3"), v6=True)
@@ -447,12 +519,13 @@ def test_emergency_invite_arrives_marked_ef(
     assert edge.counters()["emergency_marked"] == 2
 
 
+@pytest.mark.parametrize("mode", ["generic", "native"])
 def test_fragmented_datagrams(
-    topo: Topology, listener: Listener, filters: Callable[[str], EdgeFilter]
+    topo: Topology, listener: Listener, filters: Callable[[str], EdgeFilter], mode: str
 ) -> None:
     """The kernel fragments 3 KB datagrams on the 1500-byte veth: SIP from the untrusted host
     is dropped whole, DNS from it still arrives reassembled, SIP from the trusted host too."""
-    edge = filters("generic")
+    edge = filters(mode)
     big = INVITE + b"a" * 3000
     before = edge.counters()
     send_udp(topo, "untrusted", big)
@@ -468,12 +541,13 @@ def test_fragmented_datagrams(
     assert after["parse_giveup"] - before["parse_giveup"] >= 2  # the DNS answer's tail
 
 
+@pytest.mark.parametrize("mode", ["generic", "native"])
 def test_crafted_vlan_truncated_and_garbage_frames_from_the_wire(
-    topo: Topology, listener: Listener, filters: Callable[[str], EdgeFilter]
+    topo: Topology, listener: Listener, filters: Callable[[str], EdgeFilter], mode: str
 ) -> None:
     from scapy.all import IP, UDP, Dot1AD, Dot1Q, Ether, Raw, sendp
 
-    edge = filters("generic")
+    edge = filters(mode)
     untrusted = topo.hosts["untrusted"]
     dst = topo.proxy_addrs["untrusted"][0]
     eth = Ether(dst="ff:ff:ff:ff:ff:ff", src="02:00:00:00:00:01")
@@ -685,81 +759,285 @@ def test_clearipctl_changes_what_is_dropped_within_100ms(
         loop.run_until_complete(server.close())
 
 
+def test_flooding_source_is_the_top_offender_on_the_wire(
+    topo: Topology, listener: Listener, filters: Callable[[str], EdgeFilter]
+) -> None:
+    """Frames on the veth: 3,000 INVITEs from the untrusted host mixed with 600 whose source
+    is spoofed (a new one each): the sampled top-offender list names the host first."""
+    from scapy.all import IP, UDP, Ether, Raw, sendp
+
+    edge = filters("generic")
+    untrusted = topo.hosts["untrusted"]
+    dst = topo.proxy_addrs["untrusted"][0]
+    eth = Ether(dst="ff:ff:ff:ff:ff:ff", src="02:00:00:00:00:01")
+    sip = UDP(sport=5060, dport=5060) / Raw(INVITE)
+    frames = []
+    for index in range(600):
+        spoofed = f"198.18.{index // 200}.{index % 200 + 1}"
+        frames.append(eth / IP(src=spoofed, dst=dst) / sip)
+        frames += [eth / IP(src=untrusted.ipv4, dst=dst) / sip] * 5
+    before = edge.counters()["dropped_untrusted"]
+    with topo.inside(untrusted.ns):
+        sendp(frames, iface=untrusted.ifname, verbose=False)
+    deadline = time.monotonic() + 5
+    while edge.counters()["dropped_untrusted"] - before < len(frames):
+        assert time.monotonic() < deadline, edge.counters()
+        time.sleep(0.05)
+    top = edge.top_dropped(5)
+    assert top[0][0] == untrusted.ipv4
+    assert 1500 <= top[0][1] <= 4500  # 3,000 sent; sampled one in 64
+    assert listener.receive(listener.udp4) == []
+    per_interface = edge.interface_counters()[topo.proxy_ifs["untrusted"]]
+    assert per_interface["dropped_untrusted"] >= len(frames)
+
+
+def test_auto_picks_the_interfaces_carrying_the_listeners(topo: Topology) -> None:
+    """In the proxy namespace (two veths up, loopback, and a veth pair left down): a wildcard
+    listener gets both veths, an address gets its own veth, loopback never."""
+    from pyroute2 import NetNS
+
+    from clearip.bpf.interfaces import pick, read_links
+
+    down, peer = f"cdn{topo.tag}"[:15], f"cdp{topo.tag}"[:15]
+    with NetNS(topo.proxy_ns) as ns:
+        ns.link("add", ifname=down, kind="veth", peer=peer)
+    try:
+        with topo.inside(topo.proxy_ns):
+            links = read_links()
+        assert {link.name for link in links} >= {"lo", down, peer, *parents(topo)}
+        index = {link.name: link.index for link in links}
+        both = tuple(sorted(parents(topo), key=index.__getitem__))
+        assert pick(links, ["0.0.0.0"]).names == both
+        assert pick(links, ["::", "0.0.0.0"]).names == both
+        trusted_v4, trusted_v6 = topo.proxy_addrs["trusted"]
+        assert pick(links, [trusted_v4]).names == (topo.proxy_ifs["trusted"],)
+        assert pick(links, [trusted_v6]).names == (topo.proxy_ifs["trusted"],)
+        assert pick(links, [topo.proxy_addrs["untrusted"][0]]).names == (
+            topo.proxy_ifs["untrusted"],
+        )
+        loopback = pick(links, ["127.0.0.1"])
+        assert loopback.names == () and "loopback" in loopback.notes[0]
+    finally:
+        with NetNS(topo.proxy_ns) as ns:
+            ns.link("del", index=ns.link_lookup(ifname=down)[0])
+
+
+FOREIGN = b"int other_product(struct xdp_md *ctx) { return XDP_PASS; }"
+
+
+@contextlib.contextmanager
+def foreign_program(topo: Topology, ifnames: list[str]) -> Iterator[int]:
+    """Another product's XDP program (a tiny bcc one, generic mode) on ``ifnames`` in the
+    proxy namespace; its id. Removed at the end wherever it still is."""
+    import bcc
+
+    from clearip.bpf import syscall
+
+    module = bcc.BPF(text=FOREIGN)
+    function = module.load_func(b"other_product", bcc.BPF.XDP)
+    prog = syscall.prog_id(function.fd)
+    try:
+        with topo.inside(topo.proxy_ns):
+            for name in ifnames:
+                bcc.BPF.attach_xdp(name.encode(), function, loader.FLAGS["generic"])
+        yield prog
+    finally:
+        with topo.inside(topo.proxy_ns):
+            for name in ifnames:
+                if attached_programs(name).get("generic") == prog:
+                    bcc.BPF.remove_xdp(name.encode(), loader.FLAGS["generic"])
+        module.cleanup()
+
+
+def test_another_xdp_program_is_never_replaced_or_removed(topo: Topology) -> None:
+    trusted_if, untrusted_if = parents(topo)
+    pin_dir = pins("foreign")
+    with foreign_program(topo, [untrusted_if]) as other:
+        edge = start_filter(topo, "generic", pin_dir)
+        try:
+            with topo.inside(topo.proxy_ns):
+                assert attached_programs(untrusted_if) == {"generic": other}
+                assert attached_programs(trusted_if) == {"generic": edge.prog_id}
+            note = edge.status()[untrusted_if]
+            assert note["attached"] is False
+            assert f"'other_product' (id {other})" in str(note["note"])
+            policy = SourcePolicy(TrustList(), "/nonexistent", EmergencyNumbers())
+            policy.attach_kernel(edge, chosen_by="auto")
+            described = policy.describe_kernel()
+            assert described.startswith(f"on (auto: {trusted_if} generic; {untrusted_if} skipped")
+            # clearipctl xdp detach: ours goes, the other program stays and is named.
+            detach = subprocess.run(
+                in_namespace(topo.proxy_ns, "clearip.ctl.cli", "--socket", "/nonexistent",
+                             "xdp", "detach", "--config", "/nonexistent", "--pin-dir", pin_dir,
+                             "--interface", trusted_if, "--interface", untrusted_if),
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert detach.returncode == 0, detach.stderr
+            assert f"detached from {trusted_if};" in detach.stdout
+            assert f"left alone, not ours: {untrusted_if}: 'other_product'" in detach.stdout
+            with topo.inside(topo.proxy_ns):
+                assert attached_programs(untrusted_if) == {"generic": other}
+                assert attached_programs(trusted_if) == {}
+            assert not Path(pin_dir).exists()
+        finally:
+            edge.close()
+        # Every interface taken by another program: no filter, and nothing replaced.
+        with foreign_program(topo, [trusted_if]) as second:
+            with pytest.raises(FilterUnavailable) as refused:
+                start_filter(topo, "generic", pin_dir)
+            assert "every interface carries another XDP program" in refused.value.reason
+            assert "replace_foreign" in refused.value.fix
+            with topo.inside(topo.proxy_ns):
+                assert attached_programs(trusted_if) == {"generic": second}
+                assert attached_programs(untrusted_if) == {"generic": other}
+                # Told to, the filter replaces them.
+                edge = EdgeFilter.start(
+                    interfaces=parents(topo), mode="generic", pin_dir=pin_dir,
+                    trust=trust_for(topo), replace_foreign=True,
+                )  # fmt: skip
+                try:
+                    for name in parents(topo):
+                        assert attached_programs(name) == {"generic": edge.prog_id}
+                finally:
+                    edge.detach()
+                assert all(attached_programs(name) == {} for name in parents(topo))
+
+
+@contextlib.contextmanager
+def other_product(topo: Topology, ifnames: list[str]) -> Iterator[dict[str, int]]:
+    """Another product's XDP program on ``ifnames``: xdp-tools' xdp-filter (allowing all) when
+    it is installed, else the tiny bcc program; {ifname: program id}."""
+    import shutil
+
+    if shutil.which("xdp-filter") is None:
+        with foreign_program(topo, ifnames) as prog:
+            yield dict.fromkeys(ifnames, prog)
+        return
+    # nsenter keeps the mount namespace (xdp-filter pins under /sys/fs/bpf/xdp-filter).
+    run = ["nsenter", f"--net=/run/netns/{topo.proxy_ns}", "xdp-filter"]
+    try:
+        for name in ifnames:
+            subprocess.run([*run, "load", "--policy", "allow", "--mode", "skb", name],
+                           check=True, capture_output=True, timeout=60)  # fmt: skip
+        with topo.inside(topo.proxy_ns):
+            yield {name: attached_programs(name)["generic"] for name in ifnames}
+    finally:
+        for name in ifnames:
+            subprocess.run([*run, "unload", name], capture_output=True, timeout=60)
+
+
+def _daemon_config(tmp_path: Path, topo: Topology, interfaces: object, pin_dir: str) -> Path:
+    trust = tmp_path / "trust.toml"
+    save_trust_file(trust, trust_for(topo))
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f'[proxy]\ntrust_file = "{trust}"\ncontrol_socket = "{tmp_path / "c.sock"}"\n'
+        f'state_dir = "{tmp_path}"\nworkers = 1\n'
+        '[[listen]]\ntransport = "udp"\naddress = "0.0.0.0"\nport = 5060\n'
+        '[upstream.outbound]\nuri = "sip:127.0.0.1:9;transport=tcp"\n'
+        f'[xdp]\ninterfaces = {json.dumps(interfaces)}\nmode = "generic"\n'
+        f'pin_dir = "{pin_dir}"\n[metrics]\nport = 9477\n'
+    )
+    return config
+
+
+def _ctl(topo: Topology, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        in_namespace(topo.proxy_ns, "clearip.ctl.cli", "--socket", str(tmp_path / "c.sock"),
+                     *args),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
 @pytest.mark.slow
 def test_daemon_with_filter_and_without(topo: Topology, tmp_path: Path) -> None:
-    """The real daemon in the proxy namespace: the kernel drops untrusted SIP before the
-    relay sees it; with the filter unavailable the relay refuses untrusted sources itself."""
+    """The real daemon in the proxy namespace with the packaged default interfaces = "auto":
+    it protects both veth ends (not loopback), the kernel drops untrusted SIP before the relay
+    sees it, counters per interface reach stats and Prometheus. With another product's XDP
+    program on both ends, it leaves them alone and the relay refuses untrusted sources
+    itself; clearipctl xdp detach leaves them too. A listed interface the host lacks stops the
+    start with an error naming it."""
     pin_dir = pins("daemon")
-    for interfaces, expect_filter in ((parents(topo), True), (["nonexistent0"], False)):
-        trust = tmp_path / "trust.toml"
-        save_trust_file(trust, trust_for(topo))
-        config = tmp_path / "proxy.toml"
-        config.write_text(
-            f'[proxy]\ntrust_file = "{trust}"\ncontrol_socket = "{tmp_path / "c.sock"}"\n'
-            f'state_dir = "{tmp_path}"\n'
-            '[[listen]]\ntransport = "udp"\naddress = "0.0.0.0"\nport = 5060\n'
-            '[upstream.outbound]\nuri = "sip:127.0.0.1:9;transport=tcp"\n'
-            f'[xdp]\ninterfaces = {json.dumps(interfaces)}\nmode = "generic"\n'
-            f'pin_dir = "{pin_dir}"\n[metrics]\nport = 9477\n'
-        )
-        log = tmp_path / "daemon.log"
-        process = subprocess.Popen(
-            in_namespace(topo.proxy_ns, "clearip.relay.cli", "run", "--config", str(config)),
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while b"clearip-proxy ready" not in log.read_bytes():
-                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.1)
-            answers = {}
-            for host in ("trusted", "untrusted"):
-                with topo.socket_in(topo.hosts[host].ns, socket.AF_INET, socket.SOCK_DGRAM) as s:
-                    s.settimeout(1.0)
-                    options = (
-                        f"OPTIONS sip:p@{topo.proxy_addrs[host][0]} SIP/2.0\r\n"
-                        f"Via: SIP/2.0/UDP {topo.hosts[host].ipv4}:5099;rport"
-                        f";branch=z9hG4bK{host}\r\n"
-                        f"From: <sip:a@b>;tag=1\r\nTo: <sip:p@q>\r\nCall-ID: {host}\r\n"
-                        "CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
-                    ).encode()
-                    s.sendto(options, (topo.proxy_addrs[host][0], 5060))
-                    try:
-                        answers[host] = s.recv(4000)[:12]
-                    except TimeoutError:
-                        answers[host] = b""
-            assert answers["trusted"].startswith(b"SIP/2.0 ")
-            assert answers["untrusted"] == b""
-            stats = subprocess.run(
-                [sys.executable, "-m", "clearip.ctl.cli", "--socket", str(tmp_path / "c.sock"),
-                 "stats", "--json"],
-                capture_output=True, text=True, timeout=30,
-            )  # fmt: skip
-            data = json.loads(stats.stdout)
-            with topo.socket_in(topo.proxy_ns, socket.AF_INET, socket.SOCK_STREAM) as http:
-                http.settimeout(5)
-                http.connect(("127.0.0.1", 9477))
-                http.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-                metrics = b""
-                while chunk := http.recv(65536):
-                    metrics += chunk
-            kernel_line = b'clearip_xdp_packets_total{outcome="dropped_untrusted"}'
-            assert (kernel_line in metrics) == expect_filter
-            if expect_filter:
-                assert data["kernel"]["counters"]["dropped_untrusted"] >= 1
-                assert data["relay"].get("untrusted_dropped", 0) == 0  # never reached the relay
-            else:
-                assert data["kernel"] is None
-                assert data["relay"]["untrusted_dropped"] == 1
-                assert "kernel filter off" in log.read_text()
-        finally:
-            process.terminate()
-            process.wait(10)
-            subprocess.run(
-                in_namespace(
-                    topo.proxy_ns, "clearip.ctl.cli", "xdp", "detach", "--config", str(config)
-                ),
-                capture_output=True,
-                timeout=30,
+    trusted_if, untrusted_if = parents(topo)
+    for foreign in (False, True):
+        config = _daemon_config(tmp_path, topo, "auto", pin_dir)
+        with contextlib.ExitStack() as stack:
+            others = stack.enter_context(other_product(topo, parents(topo))) if foreign else {}
+            log = tmp_path / "daemon.log"
+            process = subprocess.Popen(
+                in_namespace(topo.proxy_ns, "clearip.relay.cli", "run", "--config", str(config)),
+                stdout=log.open("w"),
+                stderr=subprocess.STDOUT,
             )
+            try:
+                deadline = time.monotonic() + 30
+                while b"clearip-proxy ready" not in log.read_bytes():
+                    assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.1)
+                answers = {}
+                for host in ("trusted", "untrusted"):
+                    with topo.socket_in(
+                        topo.hosts[host].ns, socket.AF_INET, socket.SOCK_DGRAM
+                    ) as s:
+                        s.settimeout(1.0)
+                        s.bind((topo.hosts[host].ipv4, 5099))  # the Via's port: answers go there
+                        options = (
+                            f"OPTIONS sip:p@{topo.proxy_addrs[host][0]} SIP/2.0\r\n"
+                            f"Via: SIP/2.0/UDP {topo.hosts[host].ipv4}:5099;branch=z9hG4bK{host}"
+                            "\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:p@q>\r\n"
+                            f"Call-ID: {host}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+                        ).encode()
+                        s.sendto(options, (topo.proxy_addrs[host][0], 5060))
+                        try:
+                            answers[host] = s.recv(4000)[:12]
+                        except TimeoutError:
+                            answers[host] = b""
+                assert answers["trusted"].startswith(b"SIP/2.0 ")
+                assert answers["untrusted"] == b""
+                data = json.loads(_ctl(topo, tmp_path, "stats", "--json").stdout)
+                status = json.loads(_ctl(topo, tmp_path, "status", "--json").stdout)
+                with topo.socket_in(topo.proxy_ns, socket.AF_INET, socket.SOCK_STREAM) as http:
+                    http.settimeout(5)
+                    http.connect(("127.0.0.1", 9477))
+                    http.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                    metrics = b""
+                    while chunk := http.recv(65536):
+                        metrics += chunk
+                kernel_line = b'clearip_xdp_packets_total{outcome="dropped_untrusted"}'
+                assert (kernel_line in metrics) != foreign
+                if not foreign:
+                    assert status["kernel_filter"] == (
+                        f"on (auto: {trusted_if} generic, {untrusted_if} generic)"
+                    )
+                    assert data["kernel"]["counters"]["dropped_untrusted"] >= 1
+                    per_interface = data["kernel"]["per_interface"]
+                    assert per_interface[untrusted_if]["dropped_untrusted"] >= 1
+                    assert per_interface[trusted_if]["passed_trusted"] >= 1
+                    assert data["relay"].get("untrusted_dropped", 0) == 0  # never got there
+                else:
+                    assert data["kernel"] is None
+                    assert "every interface carries another XDP program" in status["kernel_filter"]
+                    assert data["relay"]["untrusted_dropped"] == 1
+                    assert "kernel filter off" in log.read_text()
+                    with topo.inside(topo.proxy_ns):
+                        assert {n: attached_programs(n)["generic"] for n in others} == others
+            finally:
+                process.terminate()
+                process.wait(10)
+                detach = _ctl(topo, tmp_path, "xdp", "detach", "--config", str(config))
+            assert detach.returncode == 0, detach.stderr
+            with topo.inside(topo.proxy_ns):
+                for name in parents(topo):  # ours gone, another product's program still there
+                    assert attached_programs(name) == ({"generic": others[name]} if foreign else {})
+            if foreign:
+                assert f"left alone, not ours: {trusted_if}:" in detach.stdout
+    # A listed interface that does not exist: the start stops, naming it.
+    config = _daemon_config(tmp_path, topo, [trusted_if, "nonexistent0"], pin_dir)
+    refused = subprocess.run(
+        in_namespace(topo.proxy_ns, "clearip.relay.cli", "run", "--config", str(config)),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "xdp.interfaces lists 'nonexistent0'" in refused.stderr
+    with topo.inside(topo.proxy_ns):
+        assert all(attached_programs(name) == {} for name in parents(topo))

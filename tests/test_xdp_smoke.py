@@ -16,7 +16,7 @@ from tests.netns import Topology, topology
 pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.xdp]
 
 XDP_FLAGS_SKB_MODE = 1 << 1
-PROGRAM = """
+PROGRAM = b"""
 #include <uapi/linux/bpf.h>
 BPF_PERCPU_ARRAY(packets, u64, 1);
 int count_all(struct xdp_md *ctx) {
