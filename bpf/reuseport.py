@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from clearip.bpf import bpfmaps, syscall
+from clearip.bpf.loader import FilterUnavailable, install_hint
 from clearip.bpf.steering import MAX_WORKERS, OUTCOMES
 from clearip.relay.emergency import validate_number
 
@@ -68,19 +69,9 @@ SLOTS = 2 * MAX_WORKERS
 NUMBER_KEY_SIZE = 16  # struct number_key: 15 digits at most, zero-padded
 
 
-def install_hint() -> str:
-    if Path("/etc/redhat-release").exists():
-        return "dnf install bcc python3-bcc kernel-devel-$(uname -r)"
-    return "apt-get install python3-bpfcc linux-headers-$(uname -r) (or scripts/bootstrap.sh)"
-
-
-class SteeringUnavailable(Exception):
-    """Kernel steering cannot run here; ``reason`` says why and ``fix`` how to fix it."""
-
-    def __init__(self, reason: str, fix: str) -> None:
-        super().__init__(f"{reason} (fix: {fix})")
-        self.reason = reason
-        self.fix = fix
+class SteeringUnavailable(FilterUnavailable):
+    """Kernel steering cannot run here; ``reason`` says why and ``fix`` how to fix it (the
+    XDP filter's exception, so one handler serves both kernel programs)."""
 
 
 def layout(source: str) -> str:
