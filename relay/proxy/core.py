@@ -868,6 +868,8 @@ def _io_effect(key: object, action: Action, peer: Peer) -> Effect | None:
 def _via_set_leads_back(response: Response, request: Request) -> bool:
     """True when the response's Vias are the request's, as the switch sent them (branch and
     sent-by of each): what the switch's transaction matches on (§17.1.3)."""
+    if response.get_all("via") == request.get_all("via"):
+        return True  # the usual case, a copy: no parsing on the per-response path
     try:
         got = [(v.branch, v.sent_by.lower()) for v in response.vias()]
         want = [(v.branch, v.sent_by.lower()) for v in request.vias()]
