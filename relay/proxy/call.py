@@ -20,6 +20,7 @@ from clearip.relay.config import ProxyConfig
 from clearip.relay.proxy.redirect import Target
 from clearip.relay.shaken import attestation_of
 from clearip.relay.sip.message import Request, Response
+from clearip.relay.sip.transaction.matching import TransactionKey
 from clearip.relay.transport.peer import Peer
 from clearip.relay.trust import Role
 
@@ -37,7 +38,7 @@ class Branch:
     target: Target
     request: Request
     peer: Peer
-    txn_key: object = None
+    txn_key: TransactionKey | None = None
     status: int | None = None
     provisional: bool = False
     abandoned: bool = False
@@ -52,13 +53,13 @@ class ProxyCall:
     source: Peer
     role: Role
     started: float
-    server_key: object
+    server_key: TransactionKey
     # The config when the INVITE arrived: every later decision for this call reads it, so a
     # reload never changes a call halfway (timeouts, routing, copied headers, timers).
     config: ProxyConfig
     phase: Phase = Phase.CLEARIP
     emergency: bool = False
-    upstream_key: object = None
+    upstream_key: TransactionKey | None = None
     upstream_peer: Peer | None = None
     upstream_provisional: bool = False
     clearip_status: int | None = None

@@ -81,6 +81,7 @@ from clearip.relay.sip.transaction.actions import (
 from clearip.relay.sip.transaction.actions import StartTimer as TxStartTimer
 from clearip.relay.sip.transaction.actions import StopTimer as TxStopTimer
 from clearip.relay.sip.transaction.matching import (
+    TransactionKey,
     cancel_target_key,
     client_key,
     client_key_for,
@@ -133,10 +134,9 @@ class ProxyCore:
         self.queue_delay = queue_delay  # how long what we read now waited to be read
         self.counters: Counter[str] = counters if counters is not None else Counter()
         self.calls: dict[int, ProxyCall] = {}
-        self.by_server_key: dict[object, ProxyCall] = {}
-        self.client_txns: dict[object, tuple[Transaction, Peer, ProxyCall | None]] = {}
-        self.server_txns: dict[object, tuple[ServerInviteTransaction, Peer]] = {}
-        self.txn_ids: dict[int, object] = {}
+        self.by_server_key: dict[TransactionKey, ProxyCall] = {}
+        self.client_txns: dict[TransactionKey, tuple[Transaction, Peer, ProxyCall | None]] = {}
+        self.server_txns: dict[TransactionKey, tuple[ServerInviteTransaction, Peer]] = {}
         self._ids = itertools.count(1)
         self.latency = LatencyHistogram()
         self.limiter = RateLimiter(config.invite_rate_per_source)
@@ -500,7 +500,9 @@ class ProxyCore:
         self.counters["stray_response"] += 1
         return []
 
-    def _call_response(self, key: object, call: ProxyCall, response: Response) -> list[Effect]:
+    def _call_response(
+        self, key: TransactionKey, call: ProxyCall, response: Response
+    ) -> list[Effect]:
         if key == call.upstream_key:
             return self._clearip_response(call, response)
         for index, branch in enumerate(call.branches):
@@ -669,6 +671,8 @@ class ProxyCore:
         return self._send_cancel(branch.request, branch.peer, call)
 
     def _cancel_upstream(self, call: ProxyCall) -> list[Effect]:
+        if call.upstream_key is None:
+            return []
         entry = self.client_txns.get(call.upstream_key)
         if entry is None or not call.upstream_provisional or call.upstream_peer is None:
             return []
@@ -787,7 +791,7 @@ class ProxyCore:
 
     # -- transaction actions -----------------------------------------------------------------
     def _client_actions(
-        self, key: object, actions: list[Action], peer: Peer, call: ProxyCall | None
+        self, key: TransactionKey, actions: list[Action], peer: Peer, call: ProxyCall | None
     ) -> list[Effect]:
         effects: list[Effect] = []
         for action in actions:
@@ -805,7 +809,7 @@ class ProxyCore:
         return effects
 
     def _client_failed(
-        self, key: object, call: ProxyCall, action: Timeout | TransportError
+        self, key: TransactionKey, call: ProxyCall, action: Timeout | TransportError
     ) -> list[Effect]:
         why = "timeout" if isinstance(action, Timeout) else "unreachable"
         if key == call.upstream_key:
@@ -818,7 +822,9 @@ class ProxyCore:
                 return self._branch_failed(call, branch, why)
         return []
 
-    def _server_actions(self, key: object, actions: list[Action], peer: Peer) -> list[Effect]:
+    def _server_actions(
+        self, key: TransactionKey, actions: list[Action], peer: Peer
+    ) -> list[Effect]:
         effects: list[Effect] = []
         for action in actions:
             io = _io_effect(key, action, peer)
@@ -833,7 +839,7 @@ class ProxyCore:
         return effects
 
 
-def _io_effect(key: object, action: Action, peer: Peer) -> Effect | None:
+def _io_effect(key: TransactionKey, action: Action, peer: Peer) -> Effect | None:
     """A transaction's send/timer action as the shell's effect (None for the others)."""
     if isinstance(action, SendMessage):
         return Send(action.message, peer)
