@@ -26,6 +26,7 @@ peer's NAPI poll (native XDP), so "per flood packet" includes the sender's own c
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -357,8 +358,16 @@ def report(rows: list[Result], seconds: float) -> None:
     )
 
 
-def main() -> int:
-    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 6.0
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.xdp_flood",
+        description="Flood the proxy's SIP port from a namespace: XDP vs nftables vs userspace "
+        "vs nothing (root; about a minute).",
+    )
+    parser.add_argument(
+        "seconds", nargs="?", type=float, default=6.0, help="per configuration (1-20, default 6)"
+    )
+    seconds = parser.parse_args(argv).seconds
     if os.geteuid() != 0:
         print("bench.xdp_flood needs root (namespaces, XDP, nftables)", file=sys.stderr)
         return 2
