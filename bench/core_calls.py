@@ -91,10 +91,11 @@ class Driver:
         config = load_config(work / "proxy.toml")
         self.now = 0.0
         local = LocalAddress("udp", "127.0.0.1", 5060)
+        emergency = EmergencyNumbers(("911", "933"))  # made once, as the daemon's policy does
         self.core = ProxyCore(
             config,
             role_of=lambda host: Role.SWITCH,
-            emergency=lambda: EmergencyNumbers(("911", "933")),
+            emergency=lambda: emergency,
             locality=Locality({"127.0.0.1"}, {5060}),
             local_for=lambda peer, record_route=False: local,
             upstream=lambda role: CLEARIP,

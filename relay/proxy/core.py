@@ -31,7 +31,7 @@ import itertools
 import logging
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol, final
 
 from clearip.relay.config import ProxyConfig
 from clearip.relay.emergency import EmergencyNumbers
@@ -65,8 +65,11 @@ from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.parser import content_length_conflict
 from clearip.relay.sip.transaction import (
+    ClientInviteState,
     ClientInviteTransaction,
+    ClientNonInviteState,
     ClientNonInviteTransaction,
+    ServerInviteState,
     ServerInviteTransaction,
 )
 from clearip.relay.sip.transaction.ack import cancel_for
@@ -88,6 +91,7 @@ from clearip.relay.sip.transaction.matching import (
     server_key,
 )
 from clearip.relay.sip.uri import SipUri, parse_uri, uri_user_number
+from clearip.relay.sip.via import parse_via
 from clearip.relay.transport.peer import LocalAddress, Peer, response_peer
 from clearip.relay.trust import Role
 
@@ -97,8 +101,37 @@ log = logging.getLogger("clearip.proxy")
 TIMER_C = 181.0
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, PRACK, INFO, NOTIFY, REFER, MESSAGE"
 Transaction = ClientInviteTransaction | ClientNonInviteTransaction
-_AWAITING_FINAL = frozenset(("CALLING", "PROCEEDING", "TRYING"))
+# States of our client transactions still waiting for a final response (compared by identity).
+_AWAITING_FINAL = (
+    ClientInviteState.CALLING,
+    ClientInviteState.PROCEEDING,
+    ClientNonInviteState.TRYING,
+    ClientNonInviteState.PROCEEDING,
+)
+# States in which an INVITE server transaction absorbs the ACK of its 300-699.
+_ACK_ABSORBED = (ServerInviteState.COMPLETED, ServerInviteState.CONFIRMED)
 _COUNTED = frozenset(("via", "from", "to", "call-id", "cseq", "content-length"))
+_NAMES_LIMIT: Final = 256
+
+
+@final
+class _CounterNames:
+    """Counter names with a variable part (a role, a status, a method), each formatted once
+    rather than per message; bounded, since a peer chooses methods and statuses."""
+
+    __slots__ = ("_made", "_template")
+
+    def __init__(self, template: str) -> None:
+        self._template = template
+        self._made: dict[str | int, str] = {}
+
+    def name(self, value: str | int) -> str:
+        made = self._made.get(value)
+        if made is None:
+            made = self._template.format(value)
+            if len(self._made) < _NAMES_LIMIT:
+                self._made[value] = made
+        return made
 
 
 class LocalFor(Protocol):
@@ -140,6 +173,10 @@ class ProxyCore:
         self._ids = itertools.count(1)
         self.latency = LatencyHistogram()
         self.limiter = RateLimiter(config.invite_rate_per_source)
+        self._invite_names = _CounterNames("invite_{}")
+        self._in_dialog_names = _CounterNames("in_dialog_{}")
+        self._clearip_names = _CounterNames("clearip_response_{}")
+        self._call_names: dict[Role, _CounterNames] = {}
 
     def use_config(self, config: ProxyConfig) -> None:
         """A reloaded config: new INVITEs and the proxy-wide checks use it from now on; calls
@@ -197,7 +234,7 @@ class ProxyCore:
             # A client transaction of a finished call that never got a final (a destination
             # that rang and then ignored our CANCEL): forget it.
             entry = self.client_txns.get(key[1])
-            if entry is not None and entry[0].state.name in _AWAITING_FINAL:
+            if entry is not None and entry[0].state in _AWAITING_FINAL:
                 self.client_txns.pop(key[1], None)
                 self.counters["transaction_reaped"] += 1
         return []
@@ -287,7 +324,7 @@ class ProxyCore:
         except SipParseError:
             return []
         server = self.server_txns.get(key)
-        if server is not None and server[0].state.name in ("COMPLETED", "CONFIRMED"):
+        if server is not None and server[0].state in _ACK_ABSORBED:
             txn, speer = server
             return self._server_actions(key, txn.on_request(request), speer)
         if request.has("route") or request.to_tag:
@@ -340,7 +377,8 @@ class ProxyCore:
             self.counters["invite_retransmission"] += 1
             return self._server_actions(key, txn.on_request(request), speer)
         role = self.role_of(peer.host) or Role.SWITCH
-        emergency = (_dialled(request) or "") in self.emergency()
+        number = _dialled(request)
+        emergency = (number or "") in self.emergency()
         if not emergency:
             # Protection comes before any state: an overloaded proxy or a flooding source
             # gets a clear 503 with Retry-After, never emergency calls.
@@ -367,11 +405,14 @@ class ProxyCore:
         if max_forwards is not None and max_forwards.strip() == "0":
             self.counters["too_many_hops"] += 1
             return self._reply_stateless(request, peer, 483, "Too Many Hops")
-        if self._is_loop(request):
+        loop = loop_hash(request)
+        if self._is_loop(request, loop):
             self.counters["loop_detected"] += 1
             return self._reply_stateless(request, peer, 482, "Loop Detected")
 
-        txn = ServerInviteTransaction(request, reliable=peer.reliable, timers=self.config.timers)
+        txn = ServerInviteTransaction(
+            request, reliable=peer.reliable, timers=self.config.timers, key=key
+        )
         # Responses go where the Via says (§18.2.2), not to the datagram's source port.
         self.server_txns[key] = (txn, response_peer(request, peer))
         call = ProxyCall(
@@ -382,13 +423,13 @@ class ProxyCore:
             started=self.clock(),
             server_key=key,
             config=self.config,
+            loop=loop,
         )
         self.calls[call.id] = call
         self.by_server_key[key] = call
-        self.counters[f"invite_{role.value}"] += 1
+        self.counters[self._invite_names.name(role)] += 1
         effects = self._respond(call, make_reply(request, 100, "Trying", add_to_tag=False))
 
-        number = _dialled(request)
         if emergency:
             call.emergency = True
             self.counters["emergency"] += 1
@@ -415,10 +456,13 @@ class ProxyCore:
             return effects + self._fail_open(call, "ClearIP unreachable")
         return effects + self._send_upstream(call, upstream)
 
-    def _is_loop(self, request: Request) -> bool:
-        vias = request.vias()
-        expected = loop_hash(request)
-        for via in vias[1:]:
+    def _is_loop(self, request: Request, expected: str) -> bool:
+        """Whether one of our Vias below the top carries ``expected``, the request's
+        :func:`loop_hash` (§16.3 step 4). Only Vias with our branch prefix are parsed."""
+        for value in request.get_all("via")[1:]:
+            if STATEFUL_PREFIX not in value:
+                continue
+            via = parse_via(value)
             branch = via.branch or ""
             if branch.startswith(STATEFUL_PREFIX) and self.locality.via_is_us(via):
                 if branch[len(STATEFUL_PREFIX) :].split(".", 1)[0] == expected:
@@ -430,10 +474,13 @@ class ProxyCore:
         pop_own_routes(out, self.locality)
         decrement_max_forwards(out)
         local = self.local_for(upstream)
-        out.prepend("Via", via_value(local, stateful_branch(call.request)))
+        branch = stateful_branch(call.request, call.loop)
+        out.prepend("Via", via_value(local, branch))
         call.upstream_peer = upstream
-        txn = ClientInviteTransaction(out, reliable=upstream.reliable, timers=call.config.timers)
-        key = client_key_for(out)
+        key = ("client", branch, "INVITE")  # client_key_for(out), without parsing our Via
+        txn = ClientInviteTransaction(
+            out, reliable=upstream.reliable, timers=call.config.timers, key=key
+        )
         call.upstream_key = key
         self.client_txns[key] = (txn, upstream, call)
         effects: list[Effect] = [
@@ -476,7 +523,7 @@ class ProxyCore:
         out.prepend(
             "Via", via_value(local, stateless_branch(request), peer.conn if peer.reliable else None)
         )
-        self.counters[f"in_dialog_{out.method.lower()}"] += 1
+        self.counters[self._in_dialog_names.name(out.method)] += 1
         return [Send(out, dest)]
 
     # -- responses ---------------------------------------------------------------------------
@@ -521,7 +568,7 @@ class ProxyCore:
         call.clearip_status = status
         call.clearip_latency = self.clock() - call.started
         self.latency.observe(call.clearip_latency)
-        self.counters[f"clearip_response_{status}"] += 1
+        self.counters[self._clearip_names.name(status)] += 1
         effects: list[Effect] = [CancelTimer(("call", call.id, "upstream"))]
         if status == 302:
             redirect = read_redirect(
@@ -646,13 +693,16 @@ class ProxyCore:
         dest = peer_for_uri(target.uri)
         incoming = self.local_for(call.source, record_route=True)
         outgoing = self.local_for(dest, record_route=True)
-        if incoming != outgoing:
+        if incoming is not outgoing and incoming != outgoing:
             out.prepend("Record-Route", record_route_value(incoming))
         out.prepend("Record-Route", record_route_value(outgoing))
         via = outgoing if outgoing.transport == dest.transport else self.local_for(dest)
-        out.prepend("Via", via_value(via, stateful_branch(call.request)))
-        txn = ClientInviteTransaction(out, reliable=dest.reliable, timers=call.config.timers)
-        key = client_key_for(out)
+        via_branch = stateful_branch(call.request, call.loop)
+        out.prepend("Via", via_value(via, via_branch))
+        key = ("client", via_branch, "INVITE")  # client_key_for(out), without parsing our Via
+        txn = ClientInviteTransaction(
+            out, reliable=dest.reliable, timers=call.config.timers, key=key
+        )
         branch = Branch(target=target, request=out, peer=dest, txn_key=key)
         call.branches.append(branch)
         self.client_txns[key] = (txn, dest, call)
@@ -732,7 +782,7 @@ class ProxyCore:
         reap_after = 64 * call.config.timers.t1 + 1.0
         for key in [call.upstream_key, *(b.txn_key for b in call.branches)]:
             entry = self.client_txns.get(key) if key is not None else None
-            if entry is not None and entry[0].state.name in _AWAITING_FINAL:
+            if entry is not None and entry[0].state in _AWAITING_FINAL:
                 effects.append(StartTimer(("reap", key), reap_after))
         # Abandon whatever else is still ringing: CANCEL it.
         for branch in call.branches:
@@ -741,7 +791,10 @@ class ProxyCore:
                     effects += self._cancel_branch(call, branch)
         effects += self._respond(call, response) if own else self._forward_response(call, response)
         effects.append(CallFinished(functools.partial(call.summary, self.clock())))
-        self.counters[f"call:{call.role.value}:{response.status}"] += 1
+        names = self._call_names.get(call.role)
+        if names is None:
+            names = self._call_names[call.role] = _CounterNames(f"call:{call.role.value}:{{}}")
+        self.counters[names.name(response.status)] += 1
         self._forget(call)
         return effects
 
@@ -853,6 +906,8 @@ def _io_effect(key: TransactionKey, action: Action, peer: Peer) -> Effect | None
 def _via_set_leads_back(response: Response, request: Request) -> bool:
     """True when the response's Vias are the request's, as the switch sent them (branch and
     sent-by of each): what the switch's transaction matches on (§17.1.3)."""
+    if response.get_all("via") == request.get_all("via"):
+        return True  # copied verbatim, as UASs do: nothing to parse
     try:
         got = [(v.branch, v.sent_by.lower()) for v in response.vias()]
         want = [(v.branch, v.sent_by.lower()) for v in request.vias()]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import Enum
-from typing import ClassVar, Final, cast
+from typing import ClassVar, Final, cast, final
 
 from clearip.relay.sip.message import Request, Response
 from clearip.relay.sip.transaction.actions import (
@@ -92,12 +92,25 @@ def _response_code(status: int) -> int:
     return -1
 
 
+@final
+class Table:
+    """A machine's TABLE as the interpreter reads it (see :func:`compile_table`)."""
+
+    __slots__ = ("initial", "initial_number", "transitions")
+
+    def __init__(self, transitions: dict[int, Transition], initial: Enum) -> None:
+        self.transitions: Final = transitions
+        self.initial: Final = initial
+        self.initial_number: Final = _number(initial)
+
+
 def compile_table(
-    cls: type[Machine], table: dict[tuple[Enum, str], tuple[Enum, str]]
-) -> dict[int, Transition]:
+    cls: type[Machine], table: dict[tuple[Enum, str], tuple[Enum, str]], initial: Enum
+) -> Table:
     """A machine's TABLE as the interpreter reads it: keys ``state * _ROW + event``, effects
-    resolved to the methods. Checked here, at import, so a typo (unknown event, no such
-    effect method) fails at once rather than silently never matching."""
+    resolved to the methods, and the state machines start in. Checked here, at import, so a
+    typo (unknown event, no such effect method) fails at once rather than silently never
+    matching."""
     compiled: dict[int, Transition] = {}
     for (state, event), (next_state, effect) in table.items():
         code = EVENT_CODES.get(event)
@@ -112,7 +125,7 @@ def compile_table(
             next_state.name == "TERMINATED",
             cast(Effect, method),
         )
-    return compiled
+    return Table(compiled, initial)
 
 
 def _number(state: Enum) -> int:
@@ -128,20 +141,13 @@ class Machine:
 
     TABLE: ClassVar[dict[tuple[Enum, str], tuple[Enum, str]]] = {}
 
-    def __init__(
-        self,
-        *,
-        reliable: bool,
-        timers: TimerSettings,
-        table: dict[int, Transition],
-        initial: Enum,
-    ) -> None:
+    def __init__(self, *, reliable: bool, timers: TimerSettings, table: Table) -> None:
         self.reliable = reliable
         self.timers = timers
         self._running: set[str] = set()
-        self._table = table
-        self.state: Enum = initial
-        self._state = _number(initial)
+        self._table = table.transitions
+        self.state: Enum = table.initial
+        self._state = table.initial_number
         self._over = False
 
     @property
@@ -179,9 +185,17 @@ class Machine:
         running = self._running
         if not running:
             return []
-        stopping = sorted(running.intersection(names) if names else running)
-        running.difference_update(stopping)
-        return [StopTimer(name) for name in stopping]
+        if names:
+            stopping = [name for name in names if name in running]
+            if len(stopping) > 1:
+                stopping.sort()
+        else:
+            stopping = sorted(running)
+        actions: list[Action] = []
+        for name in stopping:
+            running.discard(name)
+            actions.append(StopTimer(name))
+        return actions
 
     # Effects shared by every machine.
     def _terminate(self) -> list[Action]:
@@ -213,10 +227,9 @@ class ClientMachine(Machine):
         *,
         reliable: bool,
         timers: TimerSettings,
-        table: dict[int, Transition],
-        initial: Enum,
+        table: Table,
     ) -> None:
-        super().__init__(reliable=reliable, timers=timers, table=table, initial=initial)
+        super().__init__(reliable=reliable, timers=timers, table=table)
         self.request = request
         self._interval = timers.t1
         self._started = False
@@ -252,10 +265,9 @@ class ServerMachine(Machine):
         *,
         reliable: bool,
         timers: TimerSettings,
-        table: dict[int, Transition],
-        initial: Enum,
+        table: Table,
     ) -> None:
-        super().__init__(reliable=reliable, timers=timers, table=table, initial=initial)
+        super().__init__(reliable=reliable, timers=timers, table=table)
         self.request = request
         self._last: Response | None = None  # the latest response sent
         self._outgoing: Response | None = None

@@ -66,10 +66,16 @@ class ClientInviteTransaction(ClientMachine):
     }
 
     def __init__(
-        self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS
+        self,
+        request: Request,
+        *,
+        reliable: bool,
+        timers: TimerSettings = DEFAULT_TIMERS,
+        key: TransactionKey | None = None,
     ) -> None:
-        super().__init__(request, reliable=reliable, timers=timers, table=_TABLE, initial=S.CALLING)
-        self.key: TransactionKey = client_key_for(request)
+        """``key``: :func:`client_key_for` of ``request``, when the caller made it already."""
+        super().__init__(request, reliable=reliable, timers=timers, table=_TABLE)
+        self.key: TransactionKey = client_key_for(request) if key is None else key
         self._ack: Request | None = None
 
     # -- effects -------------------------------------------------------------------------------
@@ -102,4 +108,4 @@ class ClientInviteTransaction(ClientMachine):
         return [SendMessage(self._ack)]
 
 
-_TABLE = compile_table(ClientInviteTransaction, ClientInviteTransaction.TABLE)
+_TABLE = compile_table(ClientInviteTransaction, ClientInviteTransaction.TABLE, S.CALLING)

@@ -60,7 +60,7 @@ class ClientNonInviteTransaction(ClientMachine):
     def __init__(
         self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS
     ) -> None:
-        super().__init__(request, reliable=reliable, timers=timers, table=_TABLE, initial=S.TRYING)
+        super().__init__(request, reliable=reliable, timers=timers, table=_TABLE)
         self.key: TransactionKey = client_key_for(request)
 
     # -- effects -------------------------------------------------------------------------------
@@ -79,4 +79,4 @@ class ClientNonInviteTransaction(ClientMachine):
         ]
 
 
-_TABLE = compile_table(ClientNonInviteTransaction, ClientNonInviteTransaction.TABLE)
+_TABLE = compile_table(ClientNonInviteTransaction, ClientNonInviteTransaction.TABLE, S.TRYING)

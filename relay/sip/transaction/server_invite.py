@@ -82,12 +82,16 @@ class ServerInviteTransaction(ServerMachine):
     }
 
     def __init__(
-        self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS
+        self,
+        request: Request,
+        *,
+        reliable: bool,
+        timers: TimerSettings = DEFAULT_TIMERS,
+        key: TransactionKey | None = None,
     ) -> None:
-        super().__init__(
-            request, reliable=reliable, timers=timers, table=_TABLE, initial=S.PROCEEDING
-        )
-        self.key: TransactionKey = server_key(request)
+        """``key``: :func:`server_key` of ``request``, when the caller made it already."""
+        super().__init__(request, reliable=reliable, timers=timers, table=_TABLE)
+        self.key: TransactionKey = server_key(request) if key is None else key
         self._rfc3261 = has_rfc3261_branch(request)
         self._interval = timers.timer_g
         self._final: Response | None = None  # the 300-699 sent, once Completed
@@ -138,4 +142,4 @@ def _to_tag(message: Message) -> str | None:
         return None
 
 
-_TABLE = compile_table(ServerInviteTransaction, ServerInviteTransaction.TABLE)
+_TABLE = compile_table(ServerInviteTransaction, ServerInviteTransaction.TABLE, S.PROCEEDING)

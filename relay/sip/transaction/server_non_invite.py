@@ -58,7 +58,7 @@ class ServerNonInviteTransaction(ServerMachine):
     def __init__(
         self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS
     ) -> None:
-        super().__init__(request, reliable=reliable, timers=timers, table=_TABLE, initial=S.TRYING)
+        super().__init__(request, reliable=reliable, timers=timers, table=_TABLE)
         self.key: TransactionKey = server_key(request)
 
     def on_request(self, request: Request) -> list[Action]:
@@ -75,4 +75,4 @@ class ServerNonInviteTransaction(ServerMachine):
         ]
 
 
-_TABLE = compile_table(ServerNonInviteTransaction, ServerNonInviteTransaction.TABLE)
+_TABLE = compile_table(ServerNonInviteTransaction, ServerNonInviteTransaction.TABLE, S.TRYING)
