@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
@@ -101,8 +102,14 @@ def _mypy_config() -> str:
     return str(path)
 
 
+# When mypyc read the sources: a source changed after it is newer than the library built
+# in place (relay/__init__.py then runs the .py files in a checkout).
+_READ_AT: list[float] = []
+
+
 @functools.cache  # setuptools may finalize build_ext more than once (editable builds)
 def compiled_extensions() -> list[Extension]:
+    _READ_AT.append(time.time())
     why = _compiler_missing()
     if why is not None:
         _say_pure(why)
@@ -145,6 +152,12 @@ class BuildCore(build_ext):
                 Path(path).unlink(missing_ok=True)
             self.extensions = []
             _say_pure(f"compiling it failed ({exc})")
+            return
+        if self.inplace and self.extensions and _READ_AT:
+            # The library in the source tree is as new as the sources it was made from, even
+            # when setuptools kept an older identical copy.
+            for library in Path("relay").glob("_core__mypyc.*"):
+                os.utime(library, (_READ_AT[0], _READ_AT[0]))
 
 
 # A placeholder, replaced by BuildCore: it makes setuptools run build_ext and tag the wheel
