@@ -6,9 +6,12 @@ from typing import Final, final
 
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.grammar import (
+    COMPILED,
     address_re,
     find_param,
     is_scheme,
+    params_end,
+    scheme_end,
     simple_params,
     split_commas,
     split_params,
@@ -91,8 +94,46 @@ def parse_address(text: str) -> Address:
 def check_address(text: str) -> None:
     """Raise SipParseError unless ``text`` is one well-formed address (what the parser checks
     for From, To and each Contact; the object is built only when someone reads it)."""
-    if _simple_address(text) is None and address_re.fullmatch(text) is None:
+    simple = _simple_address_ok(text) if COMPILED else _simple_address(text) is not None
+    if not simple and address_re.fullmatch(text) is None:
         raise SipParseError(f"malformed address {text.strip()[:60]!r}", "address")
+
+
+def _simple_address_ok(text: str) -> bool:
+    """:func:`_simple_address` is not None, without building anything (compiled: a scan of
+    the characters)."""
+    size = len(text)
+    if text.startswith("<"):
+        start = 0
+    elif text.startswith('"'):
+        close = text.find('"', 1)
+        if close < 0 or text.find("\\", 0, close) >= 0:
+            return False
+        if text.find("\r", 0, close) >= 0 or text.find("\n", 0, close) >= 0:
+            return False
+        start = close + 1
+        while start < size and (ord(text[start]) == 32 or ord(text[start]) == 9):
+            start += 1
+        if start >= size or ord(text[start]) != 60:  # <
+            return False
+    else:
+        return False
+    end = text.find(">", start)
+    if end < 0:
+        return False
+    colon = scheme_end(text, start + 1)
+    if colon == start + 1 or colon >= end or ord(text[colon]) != 58:  # scheme:
+        return False
+    first = ord(text[start + 1])
+    if not (65 <= first <= 90 or 97 <= first <= 122):  # the scheme starts with a letter
+        return False
+    if colon + 1 == end:
+        return False
+    for index in range(colon + 1, end):  # printable ASCII, no space, no <
+        code = ord(text[index])
+        if code < 33 or code > 126 or code == 60:
+            return False
+    return params_end(text, end + 1) == size
 
 
 def _simple_address(text: str) -> Address | None:

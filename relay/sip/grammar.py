@@ -35,7 +35,7 @@ _HOST_TABLE: Final = bytes(int(chr(code) in HOST_SET) for code in range(128))
 _SCHEME_TABLE: Final = bytes(int(chr(code) in SCHEME_SET) for code in range(128))
 #: Compiled, a loop over the characters is the fastest check (mypyc reads ``ord(text[i])``
 #: natively, ~3 ns a character); interpreted, ``str.strip`` with the set is.
-_COMPILED: Final = not __file__.endswith(".py")
+COMPILED: Final = not __file__.endswith(".py")
 
 token_re = re.compile(TOKEN)
 param_re = re.compile(rf"{WS};{WS}({TOKEN})(?:{WS}={WS}({GEN_VALUE}))?")
@@ -105,13 +105,68 @@ def split_params(text: str) -> list[tuple[str, str | None]]:
 
 def _only(text: str, table: bytes, chars: str) -> bool:
     """Whether every character of ``text`` is in a set (``table``, and as a string ``chars``)."""
-    if not _COMPILED:
+    if not COMPILED:
         return not text.strip(chars)
     for index in range(len(text)):
         code = ord(text[index])
         if code > 127 or not table[code]:
             return False
     return True
+
+
+def token_end(text: str, start: int) -> int:
+    """Where the run of token characters from ``start`` ends."""
+    return _run_end(text, start, _TOKEN_TABLE)
+
+
+def host_end(text: str, start: int) -> int:
+    """Where the run of host-name characters from ``start`` ends."""
+    return _run_end(text, start, _HOST_TABLE)
+
+
+def scheme_end(text: str, start: int) -> int:
+    """Where the run of URI-scheme characters from ``start`` ends."""
+    return _run_end(text, start, _SCHEME_TABLE)
+
+
+def _run_end(text: str, start: int, table: bytes) -> int:
+    index = start
+    size = len(text)
+    while index < size:
+        code = ord(text[index])
+        if code > 127 or not table[code]:
+            break
+        index += 1
+    return index
+
+
+def digits_end(text: str, start: int) -> int:
+    """Where the run of ASCII digits from ``start`` ends."""
+    index = start
+    size = len(text)
+    while index < size and 48 <= ord(text[index]) <= 57:
+        index += 1
+    return index
+
+
+def params_end(text: str, start: int) -> int:
+    """How far ``text`` from ``start`` is ``;token[=token]`` parameters with no whitespace:
+    the end of the last whole one (``len(text)`` when they run to the end). Nothing is
+    allocated: the compiled checks of Via and address values use it."""
+    index = start
+    size = len(text)
+    while index < size and ord(text[index]) == 59:  # ;
+        name_end = token_end(text, index + 1)
+        if name_end == index + 1:
+            return index
+        if name_end < size and ord(text[name_end]) == 61:  # =
+            value_end = token_end(text, name_end + 1)
+            if value_end == name_end + 1:
+                return index
+            index = value_end
+        else:
+            index = name_end
+    return index
 
 
 def is_token(text: str) -> bool:

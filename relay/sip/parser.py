@@ -67,10 +67,12 @@ def parse_message(
     head = data[:end].decode("utf-8", "surrogateescape")
     # The lines as the parser reads them; and, when some were folded, as received (raws).
     raws: list[str] | None = None
-    if "\r\n " in head or "\r\n\t" in head:
-        lines, raws = _unfold(head)
-    else:
-        lines = head.split("\r\n")
+    lines = head.split("\r\n")
+    for index in range(1, len(lines)):
+        line = lines[index]
+        if line and _blank(ord(line[0])):
+            lines, raws = _unfold(head)
+            break
     if len(lines) - 1 > limits.max_headers:
         raise LimitExceeded(f"more than {limits.max_headers} header lines", "too-many-headers")
 
@@ -92,9 +94,10 @@ def parse_message(
         if len(raw_line) > limits.max_line_length:
             raise LimitExceeded("header line too long", "line-too-long")
         # A token holds no ':', so the first one ends the name (no regex per line).
-        spelled, colon, value = text.partition(":")
-        if not colon:
+        colon = text.find(":")
+        if colon < 0:
             raise SipParseError(f"malformed header line {raw_line[:40]!r}", "header")
+        spelled = text[:colon]
         known = names.get(spelled)
         if known is None:
             bare = spelled.rstrip(" \t")
@@ -105,7 +108,15 @@ def parse_message(
             if len(names) < _NAME_CACHE_LIMIT:
                 names[spelled] = known
         name, key = known
-        value = value.strip(" \t")
+        # The value without the spaces and tabs around it (str.strip with characters is
+        # slow compiled).
+        first = colon + 1
+        last = len(text)
+        while first < last and _blank(ord(text[first])):
+            first += 1
+        while last > first and _blank(ord(text[last - 1])):
+            last -= 1
+        value = text[first:last]
         headers.append((name, key, value, raw_line))
         if key == "content-length":
             content_lengths.append(value)
@@ -113,6 +124,10 @@ def parse_message(
     _validate(message)
     message.body = _body(data, end + 4, content_lengths, datagram)
     return message
+
+
+def _blank(code: int) -> bool:
+    return code == 32 or code == 9  # noqa: PLR1714 (ints, compared natively when compiled)
 
 
 def _unfold(head: str) -> tuple[list[str], list[str]]:

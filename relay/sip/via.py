@@ -6,12 +6,17 @@ from typing import Final, final
 
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.grammar import (
+    COMPILED,
+    digits_end,
     find_param,
+    host_end,
     is_digits,
     is_host_name,
     is_token,
+    params_end,
     simple_params,
     split_params,
+    token_end,
     via_re,
 )
 from clearip.relay.sip.record import Record
@@ -119,7 +124,7 @@ def parse_via(text: str) -> Via:
 def check_via(text: str) -> None:
     """Raise SipParseError unless ``text`` is a well-formed Via value (what the parser checks
     for every Via; the object is built only when someone reads it)."""
-    if _simple_via(text) is not None:
+    if _simple_via_ok(text) if COMPILED else _simple_via(text) is not None:
         return
     m = via_re.fullmatch(text)
     if m is None:
@@ -159,6 +164,28 @@ def _simple_via(text: str) -> Via | None:
             return None
         port = _port(port_text)
     return Via(transport, host, port, params)
+
+
+def _simple_via_ok(text: str) -> bool:
+    """:func:`_simple_via` is not None, without building anything (compiled: a scan of the
+    characters); raises as it does for a port out of range."""
+    if not text.startswith("SIP/2.0/"):
+        return False
+    size = len(text)
+    end = token_end(text, 8)
+    if end == 8 or end >= size or ord(text[end]) != 32:  # the one space
+        return False
+    host = end + 1
+    end = host_end(text, host)
+    if end == host:
+        return False
+    if end < size and ord(text[end]) == 58:  # :port
+        port_end = digits_end(text, end + 1)
+        if not 0 < port_end - end - 1 <= 5:
+            return False
+        _port(text[end + 1 : port_end])
+        end = port_end
+    return params_end(text, end) == size
 
 
 def _port(text: str) -> int:

@@ -59,6 +59,10 @@ EVENTS = frozenset(EVENT_NAMES)
 EVENT_CODES: Final = {name: code for code, name in enumerate(EVENT_NAMES)}
 #: ``on_timer(name)`` -> the event code of ``timer_<name>``.
 TIMER_EVENTS: Final = {name: EVENT_CODES[f"timer_{name}"] for name in TIMER_NAMES}
+#: Timer name -> its bit in a machine's running-timers mask, and the names in bit order
+#: (alphabetical: the order StopTimer actions come in).
+_TIMER_ORDER: Final = tuple((name, 1 << index) for index, name in enumerate(sorted(TIMER_NAMES)))
+_TIMER_BITS: Final = dict(_TIMER_ORDER)
 EVENT_1XX: Final = 0
 EVENT_SEND_1XX: Final = 3
 EVENT_TRANSPORT_ERROR: Final = EVENT_CODES["transport_error"]
@@ -144,7 +148,7 @@ class Machine:
     def __init__(self, *, reliable: bool, timers: TimerSettings, table: Table) -> None:
         self.reliable = reliable
         self.timers = timers
-        self._running: set[str] = set()
+        self._running = 0  # the timers running, as bits (_TIMER_BITS): no set per transaction
         self._table = table.transitions
         self.state: Enum = table.initial
         self._state = table.initial_number
@@ -156,9 +160,10 @@ class Machine:
 
     def on_timer(self, name: str) -> list[Action]:
         """A timer this transaction started has fired (one not running: no actions)."""
-        if name not in self._running:
+        bit = _TIMER_BITS.get(name, 0)
+        if not self._running & bit:
             return []
-        self._running.discard(name)
+        self._running &= ~bit
         return self._fire(TIMER_EVENTS[name])
 
     def on_transport_error(self) -> list[Action]:
@@ -174,28 +179,25 @@ class Machine:
 
     def _start_timer(self, name: str, delay: float) -> list[Action]:
         """Start (or restart) a timer; one of zero duration fires now, through the table."""
+        bit = _TIMER_BITS[name]
         if delay > 0:
-            self._running.add(name)
+            self._running |= bit
             return [StartTimer(name, delay)]
-        self._running.discard(name)
+        self._running &= ~bit
         return self._fire(TIMER_EVENTS[name])
 
     def _stop_timers(self, *names: str) -> list[Action]:
         """Stop these timers (all running ones when none are named)."""
-        running = self._running
-        if not running:
-            return []
+        stopping = self._running
         if names:
-            stopping = [name for name in names if name in running]
-            if len(stopping) > 1:
-                stopping.sort()
-        else:
-            stopping = sorted(running)
-        actions: list[Action] = []
-        for name in stopping:
-            running.discard(name)
-            actions.append(StopTimer(name))
-        return actions
+            mask = 0
+            for name in names:
+                mask |= _TIMER_BITS[name]
+            stopping &= mask
+        if not stopping:
+            return []
+        self._running &= ~stopping
+        return [StopTimer(name) for name, bit in _TIMER_ORDER if stopping & bit]
 
     # Effects shared by every machine.
     def _terminate(self) -> list[Action]:
