@@ -143,6 +143,18 @@ class BuildCore(build_ext):
         self.distribution.ext_modules = list(compiled_extensions()) if building else []
         super().finalize_options()
 
+    def build_extensions(self) -> None:
+        # A Python built with a shared libpython (pyenv's) links extensions with an rpath to
+        # its own lib directory. An extension needs no libpython (the interpreter provides
+        # the symbols), and a package must not carry the build machine's paths (rpmlint:
+        # binary-or-shlib-defines-rpath).
+        for attr in ("linker_so", "linker_so_cxx"):
+            command = getattr(self.compiler, attr, None)
+            if command:
+                kept = [arg for arg in command if not arg.startswith(("-Wl,-rpath", "-Wl,-R"))]
+                setattr(self.compiler, attr, kept)
+        super().build_extensions()
+
     def run(self) -> None:
         try:
             super().run()

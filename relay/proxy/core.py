@@ -92,7 +92,7 @@ from clearip.relay.sip.transaction.matching import (
 )
 from clearip.relay.sip.uri import SipUri, parse_uri, uri_user_number
 from clearip.relay.sip.via import parse_via
-from clearip.relay.transport.peer import LocalAddress, Peer, response_peer
+from clearip.relay.transport.peer import STREAM_TRANSPORTS, LocalAddress, Peer, response_peer
 from clearip.relay.trust import Role
 
 log = logging.getLogger("clearip.proxy")
@@ -411,7 +411,7 @@ class ProxyCore:
             return self._reply_stateless(request, peer, 482, "Loop Detected")
 
         txn = ServerInviteTransaction(
-            request, reliable=peer.reliable, timers=self.config.timers, key=key
+            request, reliable=_reliable(peer), timers=self.config.timers, key=key
         )
         # Responses go where the Via says (§18.2.2), not to the datagram's source port.
         self.server_txns[key] = (txn, response_peer(request, peer))
@@ -479,7 +479,7 @@ class ProxyCore:
         call.upstream_peer = upstream
         key = ("client", branch, "INVITE")  # client_key_for(out), without parsing our Via
         txn = ClientInviteTransaction(
-            out, reliable=upstream.reliable, timers=call.config.timers, key=key
+            out, reliable=_reliable(upstream), timers=call.config.timers, key=key
         )
         call.upstream_key = key
         self.client_txns[key] = (txn, upstream, call)
@@ -521,7 +521,8 @@ class ProxyCore:
         dest = peer_for_uri(target)
         local = self.local_for(dest)
         out.prepend(
-            "Via", via_value(local, stateless_branch(request), peer.conn if peer.reliable else None)
+            "Via",
+            via_value(local, stateless_branch(request), peer.conn if _reliable(peer) else None),
         )
         self.counters[self._in_dialog_names.name(out.method)] += 1
         return [Send(out, dest)]
@@ -701,7 +702,7 @@ class ProxyCore:
         out.prepend("Via", via_value(via, via_branch))
         key = ("client", via_branch, "INVITE")  # client_key_for(out), without parsing our Via
         txn = ClientInviteTransaction(
-            out, reliable=dest.reliable, timers=call.config.timers, key=key
+            out, reliable=_reliable(dest), timers=call.config.timers, key=key
         )
         branch = Branch(target=target, request=out, peer=dest, txn_key=key)
         call.branches.append(branch)
@@ -731,7 +732,9 @@ class ProxyCore:
     def _send_cancel(self, invite: Request, peer: Peer, call: ProxyCall) -> list[Effect]:
         """CANCEL a pending INVITE we sent (§9.1) in its own non-INVITE client transaction."""
         cancel = cancel_for(invite)
-        txn = ClientNonInviteTransaction(cancel, reliable=peer.reliable, timers=call.config.timers)
+        txn = ClientNonInviteTransaction(
+            cancel, reliable=_reliable(peer), timers=call.config.timers
+        )
         key = client_key_for(cancel)
         self.client_txns[key] = (txn, peer, None)
         return self._client_actions(key, txn.start(), peer, None)
@@ -901,6 +904,11 @@ def _io_effect(key: TransactionKey, action: Action, peer: Peer) -> Effect | None
     if isinstance(action, TxStopTimer):
         return CancelTimer(("tx", key, action.name))
     return None
+
+
+def _reliable(peer: Peer) -> bool:
+    """``peer.reliable``, without calling the interpreted property."""
+    return peer.transport in STREAM_TRANSPORTS
 
 
 def _via_set_leads_back(response: Response, request: Request) -> bool:

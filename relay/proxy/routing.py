@@ -109,15 +109,34 @@ class Locality:
 
 
 def via_value(local: LocalAddress, branch: str, conn: int | None = None) -> str:
-    value = f"SIP/2.0/{local.transport.upper()} {local.hostport()};branch={branch}"
+    value = f"{_local_texts(local)[0]}{branch}"
     if conn is not None:
         value += f";cid={conn}"
     return value
 
 
 def record_route_value(local: LocalAddress) -> str:
-    transport = "" if local.transport == "udp" else f";transport={local.transport}"
-    return f"<sip:{local.hostport()}{transport};lr>"
+    return _local_texts(local)[1]
+
+
+def _local_texts(local: LocalAddress) -> tuple[str, str]:
+    """What a listener writes in Via (up to the branch) and Record-Route, made once per
+    address (LocalAddress's methods run interpreted)."""
+    key = (local.transport, local.host, local.port)
+    texts = _LOCAL_TEXTS.get(key)
+    if texts is None:
+        transport = "" if local.transport == "udp" else f";transport={local.transport}"
+        texts = (
+            f"SIP/2.0/{local.transport.upper()} {local.hostport()};branch=",
+            f"<sip:{local.hostport()}{transport};lr>",
+        )
+        if len(_LOCAL_TEXTS) >= _PEER_CACHE_LIMIT:
+            _LOCAL_TEXTS.clear()
+        _LOCAL_TEXTS[key] = texts
+    return texts
+
+
+_LOCAL_TEXTS: Final[dict[tuple[str, str, int], tuple[str, str]]] = {}
 
 
 def stamp_received(request: Request, source: Peer) -> None:
