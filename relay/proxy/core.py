@@ -62,7 +62,7 @@ from clearip.relay.proxy.routing import (
     via_value,
 )
 from clearip.relay.sip.errors import SipParseError
-from clearip.relay.sip.message import Message, Request, Response
+from clearip.relay.sip.message import Message, Request, Response, select_headers
 from clearip.relay.sip.parser import content_length_conflict
 from clearip.relay.sip.transaction import (
     ClientInviteState,
@@ -111,6 +111,11 @@ _AWAITING_FINAL = (
 # States in which an INVITE server transaction absorbs the ACK of its 300-699.
 _ACK_ABSORBED = (ServerInviteState.COMPLETED, ServerInviteState.CONFIRMED)
 _COUNTED = frozenset(("via", "from", "to", "call-id", "cseq", "content-length"))
+# Enum members as constants: reading one from its class costs ~0.1 us (EnumType lookups).
+_CLEARIP: Final = Phase.CLEARIP
+_ROUTING: Final = Phase.ROUTING
+_DONE: Final = Phase.DONE
+_SWITCH: Final = Role.SWITCH
 _NAMES_LIMIT: Final = 256
 
 
@@ -217,7 +222,7 @@ class ProxyCore:
         if kind == "call":
             _, call_id, what = key[:3]
             call = self.calls.get(call_id)
-            if call is None or call.phase is Phase.DONE:
+            if call is None or call.phase is _DONE:
                 return []
             if what == "upstream":
                 self.counters["clearip_timeout"] += 1
@@ -257,7 +262,7 @@ class ProxyCore:
         """The ClearIP connection for ``role`` is gone: fail open every call waiting on it."""
         effects: list[Effect] = []
         for call in list(self.calls.values()):
-            if call.phase is Phase.CLEARIP and call.role is role:
+            if call.phase is _CLEARIP and call.role is role:
                 effects += self._fail_open(call, "connection to ClearIP lost")
         return effects
 
@@ -292,7 +297,7 @@ class ProxyCore:
         if method == "INVITE":
             return self._on_invite(request, peer)
         if method == "OPTIONS":
-            up = self.upstream(Role.SWITCH) is not None
+            up = self.upstream(_SWITCH) is not None
             if up or self.config.options_when_upstream_down == 200:
                 return self._reply_stateless(
                     request,
@@ -347,12 +352,12 @@ class ProxyCore:
             if not effects:
                 return self._reply_stateless(request, peer, 481, "Call/Transaction Does Not Exist")
             return effects
-        if call.phase is Phase.DONE or call.cancelled:
+        if call.phase is _DONE or call.cancelled:
             return effects
         call.cancelled = True
         call.note = "cancelled by caller"
         self.counters["cancelled"] += 1
-        if call.phase is Phase.CLEARIP:
+        if call.phase is _CLEARIP:
             effects += self._cancel_upstream(call)
             return effects + self._finish_with_own(call, 487, "Request Terminated")
         # ROUTING: cancel the live branch and relay its final (487) when it comes; guard
@@ -376,7 +381,7 @@ class ProxyCore:
             txn, speer = server
             self.counters["invite_retransmission"] += 1
             return self._server_actions(key, txn.on_request(request), speer)
-        role = self.role_of(peer.host) or Role.SWITCH
+        role = self.role_of(peer.host) or _SWITCH
         number = _dialled(request)
         emergency = (number or "") in self.emergency()
         if not emergency:
@@ -447,7 +452,7 @@ class ProxyCore:
             route = parse_uri(call.config.emergency_route)
             assert isinstance(route, SipUri)
             call.targets = [Target(route, 1.0)]
-            call.phase = Phase.ROUTING
+            call.phase = _ROUTING
             return effects + self._try_next(call)
 
         upstream = self.upstream(role)
@@ -563,7 +568,7 @@ class ProxyCore:
         if status < 200:
             call.upstream_provisional = True
             return []
-        if call.phase is not Phase.CLEARIP:
+        if call.phase is not _CLEARIP:
             self.counters["clearip_late_response"] += 1
             return []  # late: absorbed (the client transaction ACKs a late non-2xx)
         call.clearip_status = status
@@ -583,7 +588,7 @@ class ProxyCore:
                 for name, value in redirect.copied:
                     if name.lower() == "identity":
                         call.identity = value  # decoded for the call's log line only
-                call.phase = Phase.ROUTING
+                call.phase = _ROUTING
                 return effects + self._try_next(call)
             call.note = "302 without usable Contacts"
         return effects + self._relay_final(call, response)
@@ -608,17 +613,17 @@ class ProxyCore:
                 return effects
             # §16.7 step 2: a provisional response from 101 to 199 resets Timer C.
             effects.append(StartTimer(("call", call.id, "timer-c", index), TIMER_C))
-            if call.phase is Phase.DONE:
+            if call.phase is _DONE:
                 return effects
             call.early_sent = True
             return effects + self._forward_response(call, response)
         branch.status = status
         branch.outcome = str(status)
         if 200 <= status < 300:
-            if call.phase is Phase.DONE:  # a further 2xx (forking downstream): pass it on
+            if call.phase is _DONE:  # a further 2xx (forking downstream): pass it on
                 return effects + self._forward_response(call, response)
             return effects + self._relay_final(call, response)
-        if call.phase is Phase.DONE:
+        if call.phase is _DONE:
             return effects
         call.finals.append(response)
         if call.cancelled:
@@ -662,7 +667,7 @@ class ProxyCore:
         branch.outcome = why
         index = call.branches.index(branch)
         effects: list[Effect] = [CancelTimer(("call", call.id, "provider", index))]
-        if call.phase is Phase.DONE or branch.abandoned:
+        if call.phase is _DONE or branch.abandoned:
             return effects
         if len(call.branches) < len(call.targets) and not call.cancelled and not call.early_sent:
             self.counters["route_advance"] += 1
@@ -750,7 +755,7 @@ class ProxyCore:
     def _finish_with_own(
         self, call: ProxyCall, status: int, reason: str, *, reason_text: str | None = None
     ) -> list[Effect]:
-        if call.phase is Phase.DONE:
+        if call.phase is _DONE:
             return []
         extra = []
         if reason_text:
@@ -772,7 +777,7 @@ class ProxyCore:
     def _relay_final(
         self, call: ProxyCall, response: Response, *, own: bool = False
     ) -> list[Effect]:
-        call.phase = Phase.DONE
+        call.phase = _DONE
         call.final_status = response.status
         effects: list[Effect] = [CancelTimer(("call", call.id, "upstream"))]
         for index in range(len(call.branches)):
@@ -822,7 +827,7 @@ class ProxyCore:
             response.status,
             response.source[1] if response.source else "destination",
         )
-        request_vias = [h for h in call.request.headers if h[1] == "via"]
+        request_vias = select_headers(call.request.headers, ("via",), keep=True)
         if response.status >= 300:
             extra = [("Reason", value) for value in response.get_all("reason")]
             reply = make_reply(call.request, response.status, response.reason, extra=extra)
@@ -869,7 +874,7 @@ class ProxyCore:
     ) -> list[Effect]:
         why = "timeout" if isinstance(action, Timeout) else "unreachable"
         if key == call.upstream_key:
-            if call.phase is Phase.CLEARIP:
+            if call.phase is _CLEARIP:
                 self.counters[f"clearip_{why}"] += 1
                 return self._fail_open(call, f"ClearIP {why}")
             return []
@@ -889,7 +894,7 @@ class ProxyCore:
             elif isinstance(action, Terminated):
                 self.server_txns.pop(key, None)
                 call = self.by_server_key.get(key)
-                if call is not None and call.phase is not Phase.DONE:
+                if call is not None and call.phase is not _DONE:
                     # The switch's side is gone (transport error / timer H): nothing more to do.
                     self._forget(call)
         return effects

@@ -10,6 +10,8 @@ Header keys are lower-case full names: compact forms are expanded (``v`` is ``vi
 
 from __future__ import annotations
 
+from typing import cast
+
 from clearip.relay.sip.address import Address, parse_address, parse_address_list
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.grammar import split_commas
@@ -54,6 +56,17 @@ def canonical_name(key: str) -> str:
 #: garbage collector stops tracking such tuples, and a proxy holds tens of thousands of messages
 #: in lingering transactions (RFC 6026's 32 s), each with a dozen headers.
 Header = tuple[str, str, str, str | None]
+
+
+def select_headers(headers: list[Header], keys: tuple[str, ...], *, keep: bool) -> list[Header]:
+    """The headers whose key is in ``keys`` (``keep``) or not, in order: the same tuple
+    objects. (Compiled, a Header read from a list is unboxed and one stored is boxed anew, so
+    a comprehension over the headers would copy every tuple it keeps.)"""
+    selected: list[object] = []
+    for item in cast(list[object], headers):
+        if (cast(tuple[object, ...], item)[1] in keys) == keep:
+            selected.append(item)
+    return cast(list[Header], selected)
 
 
 class Message:
@@ -172,7 +185,7 @@ class Message:
                 headers[index] = (header[0], key, value, None)
                 for later in range(index + 1, len(headers)):
                     if headers[later][1] == key:  # more lines of it: drop them
-                        headers[later:] = [h for h in headers[later:] if h[1] != key]
+                        headers[later:] = select_headers(headers[later:], (key,), keep=False)
                         break
                 self._edited(key)
                 return
@@ -202,7 +215,7 @@ class Message:
 
     def remove(self, key: str) -> int:
         before = len(self.headers)
-        self.headers = [h for h in self.headers if h[1] != key]
+        self.headers = select_headers(self.headers, (key,), keep=False)
         self._edited(key)
         return before - len(self.headers)
 

@@ -9,7 +9,7 @@ raises a :class:`SipParseError` subclass naming the problem; nothing else escape
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Final
 
 from clearip.relay.sip.address import check_address, parse_address
 from clearip.relay.sip.errors import IncompleteMessage, LimitExceeded, SipParseError
@@ -24,7 +24,7 @@ from clearip.relay.sip.grammar import (
     split_commas,
     status_line_re,
 )
-from clearip.relay.sip.message import COMPACT_FORMS, Header, Message, Request, Response
+from clearip.relay.sip.message import COMPACT_FORMS, Message, Request, Response
 from clearip.relay.sip.uri import parse_sip_uri, parse_uri
 from clearip.relay.sip.via import check_via, parse_via
 
@@ -48,15 +48,6 @@ DEFAULT_LIMITS = Limits()
 # peer cannot grow it forever.
 _NAMES: dict[str, tuple[str, str]] = {}
 _NAME_CACHE_LIMIT = 1024
-# Header lines read recently -> their header tuple. Many lines recur verbatim: constant ones
-# (Max-Forwards: 70, CSeq: 1 INVITE, Content-Length: 0, Allow, Supported, User-Agent...) in
-# every call, and a call's From, To and Call-ID in all its messages; sharing the tuple saves
-# splitting the line and a new GC-tracked object per header. Only the split is shared: every
-# value is still validated in every message. Bounded in entries and line length (a flood of
-# distinct lines empties it, at no cost per line).
-_LINES: dict[str, object] = {}
-_LINE_CACHE_LIMIT: Final = 4096
-_LINE_CACHE_LENGTH: Final = 200
 
 
 def parse_message(
@@ -95,25 +86,13 @@ def parse_message(
         message = _parse_request_line(start, limits)
 
     headers = message.headers
-    # The same list, seen as holding objects: compiled, a tuple typed Header is unboxed when
-    # read and boxed anew when stored, so sharing one needs it kept as an object.
-    boxed_headers = cast(list[object], headers)
     content_lengths: list[str] = []
     names = _NAMES
-    seen = _LINES
     for index in range(1, len(lines)):
         text = lines[index]
         raw_line = text if raws is None else raws[index]
         if len(raw_line) > limits.max_line_length:
             raise LimitExceeded("header line too long", "line-too-long")
-        if raws is None:
-            shared = seen.get(text)
-            if shared is not None:  # a line read before: share its (immutable) tuple
-                boxed_headers.append(shared)
-                header = cast(Header, shared)
-                if header[1] == "content-length":
-                    content_lengths.append(header[2])
-                continue
         # A token holds no ':', so the first one ends the name (no regex per line).
         colon = text.find(":")
         if colon < 0:
@@ -138,14 +117,9 @@ def parse_message(
         while last > first and _blank(ord(text[last - 1])):
             last -= 1
         value = text[first:last]
-        made: object = (name, key, value, raw_line)
-        boxed_headers.append(made)
+        headers.append((name, key, value, raw_line))
         if key == "content-length":
             content_lengths.append(value)
-        if raws is None and len(text) <= _LINE_CACHE_LENGTH:
-            if len(seen) >= _LINE_CACHE_LIMIT:
-                seen.clear()
-            seen[text] = made
 
     _validate(message)
     message.body = _body(data, end + 4, content_lengths, datagram)
@@ -320,15 +294,19 @@ def _body(data: bytes, start: int, content_lengths: list[str], datagram: bool) -
         if not datagram:
             raise SipParseError("Content-Length is required on stream transports", "framing")
         return data[start:]
-    values = set()
+    length = -1
+    conflict = False
     for text in content_lengths:
         if not text.isdigit() or not text.isascii():
             raise SipParseError(f"malformed Content-Length {text[:20]!r}", "content-length")
-        values.add(int(text))
-    if len(values) > 1:
+        value = int(text)
+        if length < 0:
+            length = value
+        elif value != length:
+            conflict = True
+    if conflict:
         # RFC 4475 §3.3.9: the message parses; the proxy answers it 400 (see conflicts()).
         return data[start:]
-    length = values.pop()
     if length > available:
         if datagram:
             raise SipParseError("Content-Length larger than the message", "content-length")
