@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         f"each message parsed once, best of {args.rounds} rounds:"
     )
     _print(measure_distinct(args.calls, args.rounds))
-    print("The same bytes again and again (memoised header parses always hit):")
+    print("The same bytes again and again (the old figure; a build's parse caches always hit):")
     _print(measure(args.number))
     return 0
 
