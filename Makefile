@@ -5,13 +5,24 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup setup-dev lint typecheck unit bench results fuzz rpm clean
+.PHONY: demo test test-compiled test-pure setup setup-dev lint typecheck unit bench results fuzz rpm clean
 
 demo: setup
 	$(VENV)/bin/clearip-proxy demo
 
+# The whole suite twice: on the compiled SIP core (what setup-dev builds), then on its
+# pure-Python fallback (CLEARIP_PURE_PYTHON=1, see relay/__init__.py), which must keep working.
 test: setup-dev lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
+	@echo "make test: again on the pure-Python core (CLEARIP_PURE_PYTHON=1)"
+	CLEARIP_PURE_PYTHON=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+# One pass only, on the compiled core or on the pure-Python one.
+test-compiled: setup-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-pure: setup-dev
+	CLEARIP_PURE_PYTHON=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 setup:
 	@bash scripts/bootstrap.sh

@@ -1,15 +1,18 @@
 """Python work per call, without sockets: the outbound flow through parser, core and serialiser.
 
-Run: ``.venv/bin/python -m bench.core_calls [CALLS]``. The switch, ClearIP (302 with Identity and
-two Contacts) and the carrier (100/180/200, 200 for BYE) are simulated in-process with string
-templates; only the proxy's side is timed: parsing what arrives, ``ProxyCore.on_message``, the
-timer bookkeeping the daemon does, and serialising what it sends. It isolates the Python cost
-that ``bench.calls`` measures end to end (together with system calls) and is steady enough to
-compare optimisations run by run. Prints microseconds per call and per message.
+Run: ``.venv/bin/python -m bench.core_calls [CALLS] [--profile FILE]``. The switch, ClearIP
+(302 with Identity and two Contacts) and the carrier (100/180/200, 200 for BYE) are simulated
+in-process with string templates; only the proxy's side is timed: parsing what arrives,
+``ProxyCore.on_message``, the timer bookkeeping the daemon does, and serialising what it
+sends. It isolates the Python cost that ``bench.calls`` measures end to end (together with
+system calls) and is steady enough to compare optimisations run by run. Prints microseconds
+per call and per message, and which build of the SIP core ran (compiled or pure).
 """
 
 from __future__ import annotations
 
+import argparse
+import cProfile
 import gc
 import re
 import sys
@@ -27,6 +30,14 @@ from clearip.relay.proxy.routing import Locality
 from clearip.relay.sip.parser import parse_message
 from clearip.relay.transport.peer import LocalAddress, Peer
 from clearip.relay.trust import Role
+
+try:
+    from clearip.relay import core_build
+except ImportError:  # a checkout from before the compiled core, run for a comparison
+
+    def core_build() -> str:
+        return "pure"
+
 
 SWITCH = Peer("udp", "127.0.0.1", 5090)
 CLEARIP = Peer("udp", "127.0.0.1", 5070)
@@ -80,10 +91,11 @@ class Driver:
         config = load_config(work / "proxy.toml")
         self.now = 0.0
         local = LocalAddress("udp", "127.0.0.1", 5060)
+        emergency = EmergencyNumbers(("911", "933"))  # made once, as the daemon's policy does
         self.core = ProxyCore(
             config,
             role_of=lambda host: Role.SWITCH,
-            emergency=lambda: EmergencyNumbers(("911", "933")),
+            emergency=lambda: emergency,
             locality=Locality({"127.0.0.1"}, {5060}),
             local_for=lambda peer, record_route=False: local,
             upstream=lambda role: CLEARIP,
@@ -146,19 +158,35 @@ class Driver:
         self.now += 0.002
 
 
-def main() -> int:
-    calls = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.core_calls",
+        description="The proxy's work per call (parse, core, timers, serialise), no sockets.",
+    )
+    parser.add_argument("calls", nargs="?", type=int, default=5000, help="calls to time")
+    parser.add_argument(
+        "--profile", metavar="FILE", help="also write a cProfile of the timed calls to FILE"
+    )
+    args = parser.parse_args(argv)
+    calls = args.calls
     driver = Driver()
     for n in range(200):  # warm-up
         driver.call(n)
     driver.busy, driver.messages = 0.0, 0
     start_policy()  # as the daemon runs: survivors frozen every second (here every 500 calls)
+    profile = cProfile.Profile() if args.profile else None
+    if profile is not None:
+        profile.enable()
     for n in range(200, 200 + calls):
         driver.call(n)
         if n % 500 == 0:
             gc.freeze()
+    if profile is not None:
+        profile.disable()
+        profile.dump_stats(args.profile)
     per_call = driver.busy / calls * 1e6
-    print(f"{calls} calls, {driver.messages / calls:.1f} messages in per call")
+    messages = driver.messages / calls
+    print(f"SIP core {core_build()}: {calls} calls, {messages:.1f} messages in per call")
     per_message = driver.busy / driver.messages * 1e6
     print(f"proxy work per call {per_call:8.1f} us  per message {per_message:6.1f} us")
     print(f"live calls {driver.core.active_calls}, transactions {driver.core.active_transactions}")

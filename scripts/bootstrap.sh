@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a machine to run clearip-inline-proxy from this checkout: OS packages, kernel
-# headers for bcc, and the project's virtual environment in .venv.
+# headers for bcc, and the project's virtual environment in .venv, where the SIP core is
+# compiled into C extensions (mypyc: needs a C compiler and the Python headers).
 #
 # Idempotent: a second run installs nothing and changes nothing. Supported: Debian 12 and
 # RHEL / Rocky / Alma 9, as root (or with sudo). Usage: scripts/bootstrap.sh [--dev]
@@ -21,7 +22,8 @@ family="${ID} ${ID_LIKE:-}"
 
 debian_packages() {
     # bcc must come from the OS: Debian's python3-bpfcc (the PyPI "bcc" is unrelated).
-    local pkgs=(python3-bpfcc python3-venv iproute2 sip-tester)
+    # gcc, libc6-dev and python3-dev: mypyc compiles the SIP core when the project is installed.
+    local pkgs=(python3-bpfcc python3-venv iproute2 sip-tester gcc libc6-dev python3-dev)
     local arch
     arch=$(dpkg --print-architecture)
     if ls "/usr/src/linux-headers-$(uname -r)" >/dev/null 2>&1; then
@@ -49,7 +51,8 @@ debian_packages() {
 }
 
 rhel_packages() {
-    local pkgs=(python3.11 python3.11-pip bcc python3-bcc iproute "kernel-devel-$(uname -r)")
+    local pkgs=(python3.11 python3.11-pip python3.11-devel gcc bcc python3-bcc iproute
+        "kernel-devel-$(uname -r)")
     [ "$dev" = 1 ] && pkgs+=(rpm-build rpmlint systemd wireshark-cli nftables)
     local missing=()
     for p in "${pkgs[@]}"; do rpm -q "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -127,13 +130,25 @@ fi
 extras=""
 [ "$dev" = 1 ] && extras="[test]"
 stamp="$venv/.installed$(printf '%s' "$extras" | tr -d '[]')"
-want=$(cat "$here/pyproject.toml" "$here/setup.py" | sha256sum | cut -d' ' -f1)
+# Reinstalled when the packaging changes, when a source of the compiled core changes (the
+# extensions built in place would otherwise be stale; relay/__init__.py then falls back to
+# the .py files) and when a compiler or the Python headers appear.
+toolchain=$("$venv/bin/python" -c 'import os, shutil, sysconfig
+print(shutil.which((os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]),
+      os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))')
+want=$( { cat "$here/pyproject.toml" "$here/setup.py"; echo "$toolchain"
+          find "$here/relay/sip" "$here/relay/proxy" -name '*.py' | sort | xargs cat; } \
+        | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    say "installing the project into $venv ${extras:+with $extras}"
+    say "installing the project into $venv ${extras:+with $extras} (compiling the SIP core)"
     log="$venv/pip-install.log"
     if ! { "$venv/bin/python" -m pip install -q --upgrade pip \
-            && "$venv/bin/python" -m pip install -q -e "$here$extras"; } >"$log" 2>&1; then
+            && "$venv/bin/python" -m pip install -v -e "$here$extras"; } >"$log" 2>&1; then
         cat "$log"; say "pip install failed (log above, also in $log)"; exit 1
+    fi
+    if [ "$(env -u CLEARIP_PURE_PYTHON "$venv/bin/python" -c 'import clearip.relay as r; print(r.core_build())')" != compiled ]; then
+        # setup.py's own message, which pip shows only in its log.
+        say "$(grep -m1 -o 'clearip-inline-proxy: .*' "$log" || echo 'the SIP core is not compiled')"
     fi
     echo "$want" > "$stamp"
 fi

@@ -218,3 +218,38 @@ def test_calls_smoke_prints_a_clean_table() -> None:
     cells = dict(zip(header.split(), row.split(), strict=False))
     assert int(cells["completed"]) > 0, out.stdout
     assert int(cells["failed"]) == 0, out.stdout
+
+
+BENCH_MAINS = sorted(
+    path.stem
+    for path in (ROOT / "bench").glob("*.py")
+    if 'if __name__ == "__main__":' in path.read_text()
+)
+
+
+@pytest.mark.parametrize("module", BENCH_MAINS)
+def test_every_bench_command_answers_help(module: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", "--help"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"usage: python -m bench.{module}"), out.stdout
+
+
+def test_parse_stream_is_distinct_calls_that_parse() -> None:
+    from bench.samples import call_stream
+    from clearip.relay.sip.message import Request, Response
+    from clearip.relay.sip.parser import parse_message
+
+    invites, ringing, answers = call_stream(50, seed=7)
+    parsed = [parse_message(data) for data in invites + ringing + answers]
+    assert all(isinstance(m, Request) for m in parsed[:50])
+    assert all(isinstance(m, Response) for m in parsed[50:])
+    for stream in (parsed[:50], parsed[50:100], parsed[100:]):
+        assert len({m.call_id for m in stream}) == 50
+        assert len({m.top_via.branch for m in stream}) == 50
+        assert len({m.from_tag for m in stream}) == 50
+    assert len({str(m.to_addr.uri) for m in parsed[:50]}) == 50  # dialled numbers
+    assert [m.call_id for m in parsed[50:100]] == [m.call_id for m in parsed[:50]]
+    assert call_stream(3, seed=7) == (invites[:3], ringing[:3], answers[:3])

@@ -13,6 +13,9 @@
 # Environment: PYTHON (a Python 3.11 that can create a venv with pip; default: .venv's, then
 # python3.11). Everything else runs in build/rpm/buildenv, made from it.
 set -euo pipefail
+# The package always ships the compiled SIP core, and its %check asserts it runs: the run-time
+# switch to the pure-Python core (make test's second pass sets it) must not leak in.
+unset CLEARIP_PURE_PYTHON
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)

@@ -12,14 +12,14 @@ touch it (they are routed by Record-Route alone), so it is gone when the call is
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, final
 
 from clearip.relay.config import ProxyConfig
 from clearip.relay.proxy.redirect import Target
 from clearip.relay.shaken import attestation_of
 from clearip.relay.sip.message import Request, Response
+from clearip.relay.sip.transaction.matching import TransactionKey
 from clearip.relay.transport.peer import Peer
 from clearip.relay.trust import Role
 
@@ -30,48 +30,111 @@ class Phase(Enum):
     DONE = "done"
 
 
-@dataclass(slots=True)
+# Plain classes with a compiled __init__, not dataclasses (see clearip.relay.sip.record).
+
+
+@final
 class Branch:
     """One attempt at one destination."""
 
-    target: Target
-    request: Request
-    peer: Peer
-    txn_key: object = None
-    status: int | None = None
-    provisional: bool = False
-    abandoned: bool = False
-    cancelled: bool = False
-    outcome: str = ""
+    __slots__ = (
+        "abandoned",
+        "cancelled",
+        "outcome",
+        "peer",
+        "provisional",
+        "request",
+        "status",
+        "target",
+        "txn_key",
+    )
+
+    def __init__(
+        self,
+        target: Target,
+        request: Request,
+        peer: Peer,
+        txn_key: TransactionKey | None = None,
+    ) -> None:
+        self.target = target
+        self.request = request
+        self.peer = peer
+        self.txn_key = txn_key
+        self.status: int | None = None
+        self.provisional = False
+        self.abandoned = False
+        self.cancelled = False
+        self.outcome = ""
 
 
-@dataclass(slots=True)
+@final
 class ProxyCall:
-    id: int
-    request: Request  # as received from the switch or provider (Via already stamped)
-    source: Peer
-    role: Role
-    started: float
-    server_key: object
-    # The config when the INVITE arrived: every later decision for this call reads it, so a
-    # reload never changes a call halfway (timeouts, routing, copied headers, timers).
-    config: ProxyConfig
-    phase: Phase = Phase.CLEARIP
-    emergency: bool = False
-    upstream_key: object = None
-    upstream_peer: Peer | None = None
-    upstream_provisional: bool = False
-    clearip_status: int | None = None
-    clearip_latency: float | None = None
-    identity: str | None = None  # the Identity header copied from the 302
-    copied: tuple[tuple[str, str], ...] = ()
-    targets: list[Target] = field(default_factory=list)
-    branches: list[Branch] = field(default_factory=list)
-    finals: list[Response] = field(default_factory=list)
-    early_sent: bool = False
-    cancelled: bool = False
-    final_status: int | None = None
-    note: str = ""
+    """One INVITE being set up (see the module docstring)."""
+
+    __slots__ = (
+        "branches",
+        "cancelled",
+        "clearip_latency",
+        "clearip_status",
+        "config",
+        "copied",
+        "early_sent",
+        "emergency",
+        "final_status",
+        "finals",
+        "id",
+        "identity",
+        "loop",
+        "note",
+        "phase",
+        "request",
+        "role",
+        "server_key",
+        "source",
+        "started",
+        "targets",
+        "upstream_key",
+        "upstream_peer",
+        "upstream_provisional",
+    )
+
+    def __init__(  # noqa: PLR0917 (the fields in order, as the dataclass it was took them)
+        self,
+        id: int,
+        request: Request,
+        source: Peer,
+        role: Role,
+        started: float,
+        server_key: TransactionKey,
+        config: ProxyConfig,
+        loop: str = "",
+    ) -> None:
+        self.id = id
+        self.request = request  # as received from the switch or provider (Via already stamped)
+        self.source = source
+        self.role = role
+        self.started = started
+        self.server_key = server_key
+        # The config when the INVITE arrived: every later decision for this call reads it, so
+        # a reload never changes a call halfway (timeouts, routing, copied headers, timers).
+        self.config = config
+        self.loop = loop  # the request's loop_hash (§16.6 step 8), in every branch we send
+        self.phase = Phase.CLEARIP
+        self.emergency = False
+        self.upstream_key: TransactionKey | None = None
+        self.upstream_peer: Peer | None = None
+        self.upstream_provisional = False
+        self.clearip_status: int | None = None
+        self.clearip_latency: float | None = None
+        self.identity: str | None = None  # the Identity header copied from the 302
+        self.copied: tuple[tuple[str, str], ...] = ()
+        self.targets: list[Target] = []
+        self.branches: list[Branch] = []
+        self.finals: list[Response] = []
+        self.early_sent = False
+        self.cancelled = False
+        self.final_status: int | None = None
+        self.note = ""
 
     @property
     def attestation(self) -> str | None:

@@ -31,7 +31,7 @@ import itertools
 import logging
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol, final
 
 from clearip.relay.config import ProxyConfig
 from clearip.relay.emergency import EmergencyNumbers
@@ -62,11 +62,14 @@ from clearip.relay.proxy.routing import (
     via_value,
 )
 from clearip.relay.sip.errors import SipParseError
-from clearip.relay.sip.message import Message, Request, Response
+from clearip.relay.sip.message import Message, Request, Response, select_headers
 from clearip.relay.sip.parser import content_length_conflict
 from clearip.relay.sip.transaction import (
+    ClientInviteState,
     ClientInviteTransaction,
+    ClientNonInviteState,
     ClientNonInviteTransaction,
+    ServerInviteState,
     ServerInviteTransaction,
 )
 from clearip.relay.sip.transaction.ack import cancel_for
@@ -81,13 +84,15 @@ from clearip.relay.sip.transaction.actions import (
 from clearip.relay.sip.transaction.actions import StartTimer as TxStartTimer
 from clearip.relay.sip.transaction.actions import StopTimer as TxStopTimer
 from clearip.relay.sip.transaction.matching import (
+    TransactionKey,
     cancel_target_key,
     client_key,
     client_key_for,
     server_key,
 )
 from clearip.relay.sip.uri import SipUri, parse_uri, uri_user_number
-from clearip.relay.transport.peer import LocalAddress, Peer, response_peer
+from clearip.relay.sip.via import parse_via
+from clearip.relay.transport.peer import STREAM_TRANSPORTS, LocalAddress, Peer, response_peer
 from clearip.relay.trust import Role
 
 log = logging.getLogger("clearip.proxy")
@@ -96,8 +101,42 @@ log = logging.getLogger("clearip.proxy")
 TIMER_C = 181.0
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, PRACK, INFO, NOTIFY, REFER, MESSAGE"
 Transaction = ClientInviteTransaction | ClientNonInviteTransaction
-_AWAITING_FINAL = frozenset(("CALLING", "PROCEEDING", "TRYING"))
+# States of our client transactions still waiting for a final response (compared by identity).
+_AWAITING_FINAL = (
+    ClientInviteState.CALLING,
+    ClientInviteState.PROCEEDING,
+    ClientNonInviteState.TRYING,
+    ClientNonInviteState.PROCEEDING,
+)
+# States in which an INVITE server transaction absorbs the ACK of its 300-699.
+_ACK_ABSORBED = (ServerInviteState.COMPLETED, ServerInviteState.CONFIRMED)
 _COUNTED = frozenset(("via", "from", "to", "call-id", "cseq", "content-length"))
+# Enum members as constants: reading one from its class costs ~0.1 us (EnumType lookups).
+_CLEARIP: Final = Phase.CLEARIP
+_ROUTING: Final = Phase.ROUTING
+_DONE: Final = Phase.DONE
+_SWITCH: Final = Role.SWITCH
+_NAMES_LIMIT: Final = 256
+
+
+@final
+class _CounterNames:
+    """Counter names with a variable part (a role, a status, a method), each formatted once
+    rather than per message; bounded, since a peer chooses methods and statuses."""
+
+    __slots__ = ("_made", "_template")
+
+    def __init__(self, template: str) -> None:
+        self._template = template
+        self._made: dict[str | int, str] = {}
+
+    def name(self, value: str | int) -> str:
+        made = self._made.get(value)
+        if made is None:
+            made = self._template.format(value)
+            if len(self._made) < _NAMES_LIMIT:
+                self._made[value] = made
+        return made
 
 
 class LocalFor(Protocol):
@@ -133,13 +172,16 @@ class ProxyCore:
         self.queue_delay = queue_delay  # how long what we read now waited to be read
         self.counters: Counter[str] = counters if counters is not None else Counter()
         self.calls: dict[int, ProxyCall] = {}
-        self.by_server_key: dict[object, ProxyCall] = {}
-        self.client_txns: dict[object, tuple[Transaction, Peer, ProxyCall | None]] = {}
-        self.server_txns: dict[object, tuple[ServerInviteTransaction, Peer]] = {}
-        self.txn_ids: dict[int, object] = {}
+        self.by_server_key: dict[TransactionKey, ProxyCall] = {}
+        self.client_txns: dict[TransactionKey, tuple[Transaction, Peer, ProxyCall | None]] = {}
+        self.server_txns: dict[TransactionKey, tuple[ServerInviteTransaction, Peer]] = {}
         self._ids = itertools.count(1)
         self.latency = LatencyHistogram()
         self.limiter = RateLimiter(config.invite_rate_per_source)
+        self._invite_names = _CounterNames("invite_{}")
+        self._in_dialog_names = _CounterNames("in_dialog_{}")
+        self._clearip_names = _CounterNames("clearip_response_{}")
+        self._call_names: dict[tuple[Role, str], _CounterNames] = {}
 
     def use_config(self, config: ProxyConfig) -> None:
         """A reloaded config: new INVITEs and the proxy-wide checks use it from now on; calls
@@ -180,7 +222,7 @@ class ProxyCore:
         if kind == "call":
             _, call_id, what = key[:3]
             call = self.calls.get(call_id)
-            if call is None or call.phase is Phase.DONE:
+            if call is None or call.phase is _DONE:
                 return []
             if what == "upstream":
                 self.counters["clearip_timeout"] += 1
@@ -197,7 +239,7 @@ class ProxyCore:
             # A client transaction of a finished call that never got a final (a destination
             # that rang and then ignored our CANCEL): forget it.
             entry = self.client_txns.get(key[1])
-            if entry is not None and entry[0].state.name in _AWAITING_FINAL:
+            if entry is not None and entry[0].state in _AWAITING_FINAL:
                 self.client_txns.pop(key[1], None)
                 self.counters["transaction_reaped"] += 1
         return []
@@ -220,7 +262,7 @@ class ProxyCore:
         """The ClearIP connection for ``role`` is gone: fail open every call waiting on it."""
         effects: list[Effect] = []
         for call in list(self.calls.values()):
-            if call.phase is Phase.CLEARIP and call.role is role:
+            if call.phase is _CLEARIP and call.role is role:
                 effects += self._fail_open(call, "connection to ClearIP lost")
         return effects
 
@@ -255,7 +297,7 @@ class ProxyCore:
         if method == "INVITE":
             return self._on_invite(request, peer)
         if method == "OPTIONS":
-            up = self.upstream(Role.SWITCH) is not None
+            up = self.upstream(_SWITCH) is not None
             if up or self.config.options_when_upstream_down == 200:
                 return self._reply_stateless(
                     request,
@@ -287,7 +329,7 @@ class ProxyCore:
         except SipParseError:
             return []
         server = self.server_txns.get(key)
-        if server is not None and server[0].state.name in ("COMPLETED", "CONFIRMED"):
+        if server is not None and server[0].state in _ACK_ABSORBED:
             txn, speer = server
             return self._server_actions(key, txn.on_request(request), speer)
         if request.has("route") or request.to_tag:
@@ -310,12 +352,12 @@ class ProxyCore:
             if not effects:
                 return self._reply_stateless(request, peer, 481, "Call/Transaction Does Not Exist")
             return effects
-        if call.phase is Phase.DONE or call.cancelled:
+        if call.phase is _DONE or call.cancelled:
             return effects
         call.cancelled = True
         call.note = "cancelled by caller"
         self.counters["cancelled"] += 1
-        if call.phase is Phase.CLEARIP:
+        if call.phase is _CLEARIP:
             effects += self._cancel_upstream(call)
             return effects + self._finish_with_own(call, 487, "Request Terminated", why="cancelled")
         # ROUTING: cancel the live branch and relay its final (487) when it comes; guard
@@ -339,8 +381,9 @@ class ProxyCore:
             txn, speer = server
             self.counters["invite_retransmission"] += 1
             return self._server_actions(key, txn.on_request(request), speer)
-        role = self.role_of(peer.host) or Role.SWITCH
-        emergency = (_dialled(request) or "") in self.emergency()
+        role = self.role_of(peer.host) or _SWITCH
+        number = _dialled(request)
+        emergency = (number or "") in self.emergency()
         if not emergency:
             # Protection comes before any state: an overloaded proxy or a flooding source
             # gets a clear 503 with Retry-After, never emergency calls.
@@ -371,12 +414,15 @@ class ProxyCore:
             self.counters["too_many_hops"] += 1
             self.counters[f"call:{role.value}:483:too-many-hops"] += 1
             return self._reply_stateless(request, peer, 483, "Too Many Hops")
-        if self._is_loop(request):
+        loop = loop_hash(request)
+        if self._is_loop(request, loop):
             self.counters["loop_detected"] += 1
             self.counters[f"call:{role.value}:482:loop"] += 1
             return self._reply_stateless(request, peer, 482, "Loop Detected")
 
-        txn = ServerInviteTransaction(request, reliable=peer.reliable, timers=self.config.timers)
+        txn = ServerInviteTransaction(
+            request, reliable=_reliable(peer), timers=self.config.timers, key=key
+        )
         # Responses go where the Via says (§18.2.2), not to the datagram's source port.
         self.server_txns[key] = (txn, response_peer(request, peer))
         call = ProxyCall(
@@ -387,13 +433,13 @@ class ProxyCore:
             started=self.clock(),
             server_key=key,
             config=self.config,
+            loop=loop,
         )
         self.calls[call.id] = call
         self.by_server_key[key] = call
-        self.counters[f"invite_{role.value}"] += 1
+        self.counters[self._invite_names.name(role)] += 1
         effects = self._respond(call, make_reply(request, 100, "Trying", add_to_tag=False))
 
-        number = _dialled(request)
         if emergency:
             call.emergency = True
             self.counters["emergency"] += 1
@@ -415,7 +461,7 @@ class ProxyCore:
             route = parse_uri(call.config.emergency_route)
             assert isinstance(route, SipUri)
             call.targets = [Target(route, 1.0)]
-            call.phase = Phase.ROUTING
+            call.phase = _ROUTING
             return effects + self._try_next(call)
 
         upstream = self.upstream(role)
@@ -424,10 +470,13 @@ class ProxyCore:
             return effects + self._fail_open(call, "ClearIP unreachable")
         return effects + self._send_upstream(call, upstream)
 
-    def _is_loop(self, request: Request) -> bool:
-        vias = request.vias()
-        expected = loop_hash(request)
-        for via in vias[1:]:
+    def _is_loop(self, request: Request, expected: str) -> bool:
+        """Whether one of our Vias below the top carries ``expected``, the request's
+        :func:`loop_hash` (§16.3 step 4). Only Vias with our branch prefix are parsed."""
+        for value in request.get_all("via")[1:]:
+            if STATEFUL_PREFIX not in value:
+                continue
+            via = parse_via(value)
             branch = via.branch or ""
             if branch.startswith(STATEFUL_PREFIX) and self.locality.via_is_us(via):
                 if branch[len(STATEFUL_PREFIX) :].split(".", 1)[0] == expected:
@@ -439,10 +488,13 @@ class ProxyCore:
         pop_own_routes(out, self.locality)
         decrement_max_forwards(out)
         local = self.local_for(upstream)
-        out.prepend("Via", via_value(local, stateful_branch(call.request)))
+        branch = stateful_branch(call.request, call.loop)
+        out.prepend("Via", via_value(local, branch))
         call.upstream_peer = upstream
-        txn = ClientInviteTransaction(out, reliable=upstream.reliable, timers=call.config.timers)
-        key = client_key_for(out)
+        key = ("client", branch, "INVITE")  # client_key_for(out), without parsing our Via
+        txn = ClientInviteTransaction(
+            out, reliable=_reliable(upstream), timers=call.config.timers, key=key
+        )
         call.upstream_key = key
         self.client_txns[key] = (txn, upstream, call)
         effects: list[Effect] = [
@@ -483,9 +535,10 @@ class ProxyCore:
         dest = peer_for_uri(target)
         local = self.local_for(dest)
         out.prepend(
-            "Via", via_value(local, stateless_branch(request), peer.conn if peer.reliable else None)
+            "Via",
+            via_value(local, stateless_branch(request), peer.conn if _reliable(peer) else None),
         )
-        self.counters[f"in_dialog_{out.method.lower()}"] += 1
+        self.counters[self._in_dialog_names.name(out.method)] += 1
         return [Send(out, dest)]
 
     # -- responses ---------------------------------------------------------------------------
@@ -509,7 +562,9 @@ class ProxyCore:
         self.counters["stray_response"] += 1
         return []
 
-    def _call_response(self, key: object, call: ProxyCall, response: Response) -> list[Effect]:
+    def _call_response(
+        self, key: TransactionKey, call: ProxyCall, response: Response
+    ) -> list[Effect]:
         if key == call.upstream_key:
             return self._clearip_response(call, response)
         for index, branch in enumerate(call.branches):
@@ -522,13 +577,13 @@ class ProxyCore:
         if status < 200:
             call.upstream_provisional = True
             return []
-        if call.phase is not Phase.CLEARIP:
+        if call.phase is not _CLEARIP:
             self.counters["clearip_late_response"] += 1
             return []  # late: absorbed (the client transaction ACKs a late non-2xx)
         call.clearip_status = status
         call.clearip_latency = self.clock() - call.started
         self.latency.observe(call.clearip_latency)
-        self.counters[f"clearip_response_{status}"] += 1
+        self.counters[self._clearip_names.name(status)] += 1
         effects: list[Effect] = [CancelTimer(("call", call.id, "upstream"))]
         if status == 302:
             redirect = read_redirect(
@@ -542,7 +597,7 @@ class ProxyCore:
                 for name, value in redirect.copied:
                     if name.lower() == "identity":
                         call.identity = value  # decoded for the call's log line only
-                call.phase = Phase.ROUTING
+                call.phase = _ROUTING
                 return effects + self._try_next(call)
             call.note = "302 without usable Contacts"
         return effects + self._relay_final(call, response)
@@ -567,17 +622,17 @@ class ProxyCore:
                 return effects
             # §16.7 step 2: a provisional response from 101 to 199 resets Timer C.
             effects.append(StartTimer(("call", call.id, "timer-c", index), TIMER_C))
-            if call.phase is Phase.DONE:
+            if call.phase is _DONE:
                 return effects
             call.early_sent = True
             return effects + self._forward_response(call, response)
         branch.status = status
         branch.outcome = str(status)
         if 200 <= status < 300:
-            if call.phase is Phase.DONE:  # a further 2xx (forking downstream): pass it on
+            if call.phase is _DONE:  # a further 2xx (forking downstream): pass it on
                 return effects + self._forward_response(call, response)
             return effects + self._relay_final(call, response)
-        if call.phase is Phase.DONE:
+        if call.phase is _DONE:
             return effects
         call.finals.append(response)
         if call.cancelled:
@@ -621,7 +676,7 @@ class ProxyCore:
         branch.outcome = why
         index = call.branches.index(branch)
         effects: list[Effect] = [CancelTimer(("call", call.id, "provider", index))]
-        if call.phase is Phase.DONE or branch.abandoned:
+        if call.phase is _DONE or branch.abandoned:
             return effects
         if len(call.branches) < len(call.targets) and not call.cancelled and not call.early_sent:
             self.counters["route_advance"] += 1
@@ -654,13 +709,16 @@ class ProxyCore:
         dest = peer_for_uri(target.uri)
         incoming = self.local_for(call.source, record_route=True)
         outgoing = self.local_for(dest, record_route=True)
-        if incoming != outgoing:
+        if incoming is not outgoing and incoming != outgoing:
             out.prepend("Record-Route", record_route_value(incoming))
         out.prepend("Record-Route", record_route_value(outgoing))
         via = outgoing if outgoing.transport == dest.transport else self.local_for(dest)
-        out.prepend("Via", via_value(via, stateful_branch(call.request)))
-        txn = ClientInviteTransaction(out, reliable=dest.reliable, timers=call.config.timers)
-        key = client_key_for(out)
+        via_branch = stateful_branch(call.request, call.loop)
+        out.prepend("Via", via_value(via, via_branch))
+        key = ("client", via_branch, "INVITE")  # client_key_for(out), without parsing our Via
+        txn = ClientInviteTransaction(
+            out, reliable=_reliable(dest), timers=call.config.timers, key=key
+        )
         branch = Branch(target=target, request=out, peer=dest, txn_key=key)
         call.branches.append(branch)
         self.client_txns[key] = (txn, dest, call)
@@ -679,6 +737,8 @@ class ProxyCore:
         return self._send_cancel(branch.request, branch.peer, call)
 
     def _cancel_upstream(self, call: ProxyCall) -> list[Effect]:
+        if call.upstream_key is None:
+            return []
         entry = self.client_txns.get(call.upstream_key)
         if entry is None or not call.upstream_provisional or call.upstream_peer is None:
             return []
@@ -687,7 +747,9 @@ class ProxyCore:
     def _send_cancel(self, invite: Request, peer: Peer, call: ProxyCall) -> list[Effect]:
         """CANCEL a pending INVITE we sent (§9.1) in its own non-INVITE client transaction."""
         cancel = cancel_for(invite)
-        txn = ClientNonInviteTransaction(cancel, reliable=peer.reliable, timers=call.config.timers)
+        txn = ClientNonInviteTransaction(
+            cancel, reliable=_reliable(peer), timers=call.config.timers
+        )
         key = client_key_for(cancel)
         self.client_txns[key] = (txn, peer, None)
         return self._client_actions(key, txn.start(), peer, None)
@@ -710,7 +772,7 @@ class ProxyCore:
         reason_text: str | None = None,
     ) -> list[Effect]:
         """Our own final for the switch; ``why`` is the ``reason`` label of clearip_calls."""
-        if call.phase is Phase.DONE:
+        if call.phase is _DONE:
             return []
         extra = []
         if reason_text:
@@ -736,7 +798,7 @@ class ProxyCore:
     def _relay_final(self, call: ProxyCall, response: Response, *, own: str = "") -> list[Effect]:
         """The call's final to the switch: a destination's or ClearIP's (``own`` = "") or our
         own (``own`` says why: fail-open, emergency, timeout, unreachable, cancelled)."""
-        call.phase = Phase.DONE
+        call.phase = _DONE
         call.final_status = response.status
         effects: list[Effect] = [CancelTimer(("call", call.id, "upstream"))]
         for index in range(len(call.branches)):
@@ -749,7 +811,7 @@ class ProxyCore:
         reap_after = 64 * call.config.timers.t1 + 1.0
         for key in [call.upstream_key, *(b.txn_key for b in call.branches)]:
             entry = self.client_txns.get(key) if key is not None else None
-            if entry is not None and entry[0].state.name in _AWAITING_FINAL:
+            if entry is not None and entry[0].state in _AWAITING_FINAL:
                 effects.append(StartTimer(("reap", key), reap_after))
         # Abandon whatever else is still ringing: CANCEL it.
         for branch in call.branches:
@@ -758,7 +820,12 @@ class ProxyCore:
                     effects += self._cancel_branch(call, branch)
         effects += self._respond(call, response) if own else self._forward_response(call, response)
         effects.append(CallFinished(functools.partial(call.summary, self.clock())))
-        self.counters[f"call:{call.role.value}:{response.status}:{own or 'relayed'}"] += 1
+        why = own or "relayed"
+        names = self._call_names.get((call.role, why))
+        if names is None:
+            names = _CounterNames(f"call:{call.role.value}:{{}}:{why}")
+            self._call_names[(call.role, why)] = names
+        self.counters[names.name(response.status)] += 1
         self._forget(call)
         return effects
 
@@ -783,7 +850,7 @@ class ProxyCore:
             response.status,
             response.source[1] if response.source else "destination",
         )
-        request_vias = [h for h in call.request.headers if h[1] == "via"]
+        request_vias = select_headers(call.request.headers, ("via",), keep=True)
         if response.status >= 300:
             extra = [("Reason", value) for value in response.get_all("reason")]
             reply = make_reply(call.request, response.status, response.reason, extra=extra)
@@ -808,7 +875,7 @@ class ProxyCore:
 
     # -- transaction actions -----------------------------------------------------------------
     def _client_actions(
-        self, key: object, actions: list[Action], peer: Peer, call: ProxyCall | None
+        self, key: TransactionKey, actions: list[Action], peer: Peer, call: ProxyCall | None
     ) -> list[Effect]:
         effects: list[Effect] = []
         for action in actions:
@@ -826,11 +893,11 @@ class ProxyCore:
         return effects
 
     def _client_failed(
-        self, key: object, call: ProxyCall, action: Timeout | TransportError
+        self, key: TransactionKey, call: ProxyCall, action: Timeout | TransportError
     ) -> list[Effect]:
         why = "timeout" if isinstance(action, Timeout) else "unreachable"
         if key == call.upstream_key:
-            if call.phase is Phase.CLEARIP:
+            if call.phase is _CLEARIP:
                 self.counters[f"clearip_{why}"] += 1
                 return self._fail_open(call, f"ClearIP {why}")
             return []
@@ -839,7 +906,9 @@ class ProxyCore:
                 return self._branch_failed(call, branch, why)
         return []
 
-    def _server_actions(self, key: object, actions: list[Action], peer: Peer) -> list[Effect]:
+    def _server_actions(
+        self, key: TransactionKey, actions: list[Action], peer: Peer
+    ) -> list[Effect]:
         effects: list[Effect] = []
         for action in actions:
             io = _io_effect(key, action, peer)
@@ -848,13 +917,13 @@ class ProxyCore:
             elif isinstance(action, Terminated):
                 self.server_txns.pop(key, None)
                 call = self.by_server_key.get(key)
-                if call is not None and call.phase is not Phase.DONE:
+                if call is not None and call.phase is not _DONE:
                     # The switch's side is gone (transport error / timer H): nothing more to do.
                     self._forget(call)
         return effects
 
 
-def _io_effect(key: object, action: Action, peer: Peer) -> Effect | None:
+def _io_effect(key: TransactionKey, action: Action, peer: Peer) -> Effect | None:
     """A transaction's send/timer action as the shell's effect (None for the others)."""
     if isinstance(action, SendMessage):
         return Send(action.message, peer)
@@ -863,6 +932,11 @@ def _io_effect(key: object, action: Action, peer: Peer) -> Effect | None:
     if isinstance(action, TxStopTimer):
         return CancelTimer(("tx", key, action.name))
     return None
+
+
+def _reliable(peer: Peer) -> bool:
+    """``peer.reliable``, without calling the interpreted property."""
+    return peer.transport in STREAM_TRANSPORTS
 
 
 def _via_set_leads_back(response: Response, request: Request) -> bool:

@@ -7,36 +7,54 @@ hashable; re-starting a key replaces the running timer.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, final
 
 from clearip.relay.sip.message import Message
+from clearip.relay.sip.record import Record
 from clearip.relay.transport.peer import Peer
 
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    message: Message
-    peer: Peer
+# Plain classes with a compiled __init__, not dataclasses (see clearip.relay.sip.record).
 
 
-@dataclass(frozen=True, slots=True)
-class StartTimer:
-    key: tuple[Any, ...]
-    delay: float
+@final
+class Send(Record):
+    __slots__ = ("message", "peer")
+    FIELDS = ("message", "peer")
+
+    def __init__(self, message: Message, peer: Peer) -> None:
+        self.message: Final = message
+        self.peer: Final = peer
 
 
-@dataclass(frozen=True, slots=True)
-class CancelTimer:
-    key: tuple[Any, ...]
+@final
+class StartTimer(Record):
+    __slots__ = ("delay", "key")
+    FIELDS = ("key", "delay")
+
+    def __init__(self, key: tuple[Any, ...], delay: float) -> None:
+        self.key: Final = key
+        self.delay: Final = delay
 
 
-@dataclass(frozen=True, slots=True)
-class CallFinished:
+@final
+class CancelTimer(Record):
+    __slots__ = ("key",)
+    FIELDS = ("key",)
+
+    def __init__(self, key: tuple[Any, ...]) -> None:
+        self.key: Final = key
+
+
+@final
+class CallFinished(Record):
     """One summary line per call, written by the shell's logger. ``summary()`` builds it (the
     shell calls it only when someone reads it: a logger at INFO or a listener)."""
 
-    summary: Callable[[], dict[str, Any]]
+    __slots__ = ("summary",)
+    FIELDS = ("summary",)
+
+    def __init__(self, summary: Callable[[], dict[str, Any]]) -> None:
+        self.summary: Final = summary
 
 
 Effect = Send | StartTimer | CancelTimer | CallFinished

@@ -8,32 +8,43 @@ hundreds of Contacts cannot make us call hundreds of destinations, and the best 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from typing import Final, final
 
 from clearip.relay.proxy.routing import Locality
 from clearip.relay.sip.address import Address
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.message import Response
+from clearip.relay.sip.record import Record
 from clearip.relay.sip.uri import SipUri, parse_uri
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    uri: SipUri
-    q: float
+@final
+class Target(Record):
+    __slots__ = ("q", "uri", "uri_text")
+    FIELDS = ("uri", "q")
 
-    @property
-    def uri_text(self) -> str:
+    def __init__(self, uri: SipUri, q: float) -> None:
+        self.uri: Final = uri
+        self.q: Final = q
         # Contact header parameters (q, expires) are not part of the target URI; URI
         # parameters (transport, user=phone) are.
-        return str(self.uri)
+        self.uri_text: Final = str(uri)
 
 
-@dataclass(frozen=True, slots=True)
-class Redirect:
-    targets: tuple[Target, ...]
-    skipped: tuple[tuple[str, str], ...]  # (contact, why)
-    copied: tuple[tuple[str, str], ...]  # (header name, value) to put into the INVITE
+@final
+class Redirect(Record):
+    __slots__ = ("copied", "skipped", "targets")
+    FIELDS = ("targets", "skipped", "copied")
+
+    def __init__(
+        self,
+        targets: tuple[Target, ...],
+        skipped: tuple[tuple[str, str], ...],  # (contact, why)
+        copied: tuple[tuple[str, str], ...],  # (header name, value) to put into the INVITE
+    ) -> None:
+        self.targets: Final = targets
+        self.skipped: Final = skipped
+        self.copied: Final = copied
 
 
 def read_redirect(
@@ -61,8 +72,7 @@ def read_redirect(
         if locality.is_us(uri):
             skipped.append((contact.uri_text, "points at this proxy (loop)"))
             continue
-        if uri.headers is not None:
-            uri = replace(uri, headers=None)  # not applied from a redirect (§19.1.5)
+        uri = uri.without_headers()  # not applied from a redirect (§19.1.5)
         targets.append(Target(uri, contact.q))
     # Sort first, then cut: the best Contacts survive a long list (stable: ties keep order).
     targets.sort(key=lambda t: -t.q)

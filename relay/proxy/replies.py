@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
-from clearip.relay.sip.message import Request, Response
+from clearip.relay.sip.message import Request, Response, select_headers
 
 # Headers copied from a request into a response made for it (§8.2.6.2).
-_COPIED = frozenset(("via", "from", "call-id", "cseq"))
+_COPIED = ("via", "from", "call-id", "cseq")
 
 
 def local_to_tag(request: Request) -> str:
@@ -27,7 +27,7 @@ def make_reply(
     add_to_tag: bool = True,
     server: str = "clearip-inline-proxy",
 ) -> Response:
-    headers = [h for h in request.headers if h[1] in _COPIED]
+    headers = select_headers(request.headers, _COPIED, keep=True)
     to_value = request.get("to") or ""
     if add_to_tag and status > 100 and ";tag=" not in to_value.replace(" ", "").lower():
         to_value = f"{to_value};tag={local_to_tag(request)}"

@@ -3,9 +3,11 @@
 Rules this module keeps:
 
 - Every request we forward gets our Via on top. Stateful branches (INVITE towards ClearIP and
-  the destinations) are unique and carry a loop-detection hash (§16.6 step 8); stateless
-  branches (in-dialog requests) are a hash of the incoming request, so a retransmission gets
-  the same branch and the next hop absorbs it.
+  the destinations) carry a loop-detection hash (§16.6 step 8) and are unique (§8.1.1.7): a
+  random prefix drawn when the process starts (and again in a forked child) and a counter, so
+  no system call per branch, and nothing an outsider can guess without seeing our traffic;
+  stateless branches (in-dialog requests) are a hash of the incoming request, so a
+  retransmission gets the same branch and the next hop absorbs it.
 - When a request came over a stream, our Via remembers the connection (``cid``) so the
   response can go back on it without any state here.
 - Record-Route carries our advertised address with ``lr``; when the transport changes between
@@ -18,8 +20,10 @@ Rules this module keeps:
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 from dataclasses import dataclass
+from typing import Final, final
 
 from clearip.relay.sip.address import Address
 from clearip.relay.sip.errors import SipParseError
@@ -31,27 +35,55 @@ from clearip.relay.transport.peer import LocalAddress, Peer
 STATEFUL_PREFIX = MAGIC_COOKIE + "cip"
 STATELESS_PREFIX = MAGIC_COOKIE + "cis"
 MAX_FORWARDS_DEFAULT = 70
+_PEER_CACHE_LIMIT: Final = 4096
 
 
-def _digest(*parts: object, size: int = 8) -> str:
-    data = "|".join(map(str, parts)).encode("utf-8", "surrogateescape")
+def _digest(text: str, size: int) -> str:
+    data = text.encode("utf-8", "surrogateescape")
     return hashlib.blake2s(data, digest_size=size).hexdigest()
 
 
 def loop_hash(request: Request) -> str:
-    """Identifies the request as this proxy last saw it (§16.6 step 8, §16.3 step 4)."""
-    return _digest(request.uri_text, request.from_tag, request.call_id, request.cseq[0], size=5)
+    """Identifies the request as this proxy last saw it (§16.6 step 8, §16.3 step 4); the
+    same in every process (a loop may come back to another worker)."""
+    text = f"{request.uri_text}|{request.from_tag}|{request.call_id}|{request.cseq[0]}"
+    return _digest(text, 5)
 
 
-def stateful_branch(request: Request) -> str:
-    return f"{STATEFUL_PREFIX}{loop_hash(request)}.{secrets.token_hex(6)}"
+@final
+class _Serial:
+    """The unique part of stateful branches: a random prefix and a counter."""
+
+    def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.prefix = secrets.token_hex(6)
+        self.count = 0
+
+    def next(self) -> str:
+        self.count += 1
+        return f"{self.prefix}{self.count}"
+
+
+_SERIAL: Final = _Serial()
+# A forked worker must not repeat its parent's branches.
+os.register_at_fork(after_in_child=_SERIAL.reseed)
+
+
+def stateful_branch(request: Request, loop: str | None = None) -> str:
+    """A new branch for a request we send statefully; ``loop`` is its :func:`loop_hash` when
+    the caller has it already."""
+    return f"{STATEFUL_PREFIX}{loop_hash(request) if loop is None else loop}.{_SERIAL.next()}"
 
 
 def stateless_branch(request: Request) -> str:
     via = request.top_via
-    return STATELESS_PREFIX + _digest(
-        via.branch, via.sent_by, request.call_id, request.cseq[0], request.method, request.uri_text
+    text = (
+        f"{via.branch}|{via.sent_by}|{request.call_id}|{request.cseq[0]}|{request.method}"
+        f"|{request.uri_text}"
     )
+    return STATELESS_PREFIX + _digest(text, 8)
 
 
 @dataclass(slots=True)
@@ -77,15 +109,34 @@ class Locality:
 
 
 def via_value(local: LocalAddress, branch: str, conn: int | None = None) -> str:
-    value = f"SIP/2.0/{local.transport.upper()} {local.hostport()};branch={branch}"
+    value = f"{_local_texts(local)[0]}{branch}"
     if conn is not None:
         value += f";cid={conn}"
     return value
 
 
 def record_route_value(local: LocalAddress) -> str:
-    transport = "" if local.transport == "udp" else f";transport={local.transport}"
-    return f"<sip:{local.hostport()}{transport};lr>"
+    return _local_texts(local)[1]
+
+
+def _local_texts(local: LocalAddress) -> tuple[str, str]:
+    """What a listener writes in Via (up to the branch) and Record-Route, made once per
+    address (LocalAddress's methods run interpreted)."""
+    key = (local.transport, local.host, local.port)
+    texts = _LOCAL_TEXTS.get(key)
+    if texts is None:
+        transport = "" if local.transport == "udp" else f";transport={local.transport}"
+        texts = (
+            f"SIP/2.0/{local.transport.upper()} {local.hostport()};branch=",
+            f"<sip:{local.hostport()}{transport};lr>",
+        )
+        if len(_LOCAL_TEXTS) >= _PEER_CACHE_LIMIT:
+            _LOCAL_TEXTS.clear()
+        _LOCAL_TEXTS[key] = texts
+    return texts
+
+
+_LOCAL_TEXTS: Final[dict[tuple[str, str, int], tuple[str, str]]] = {}
 
 
 def stamp_received(request: Request, source: Peer) -> None:
@@ -114,12 +165,29 @@ def decrement_max_forwards(request: Request) -> int:
 
 
 def peer_for_uri(uri: SipUri) -> Peer:
-    """Where to send a request whose next hop is ``uri`` (no DNS SRV/NAPTR: host and port)."""
+    """Where to send a request whose next hop is ``uri`` (no DNS SRV/NAPTR: host and port).
+
+    Peers are immutable: the few next hops a proxy has are made once and shared."""
     transport = uri.transport
     maddr = uri.param("maddr")
     host = maddr or uri.host_bare
     port = uri.port or (5061 if transport == "tls" else 5060)
-    return Peer(transport, host, port)
+    return _peer(transport, host, port)
+
+
+def _peer(transport: str, host: str, port: int) -> Peer:
+    """``Peer(transport, host, port)``, made once: a proxy has few next hops, and a Peer is
+    immutable, so they are shared (bounded: the table starts again when full)."""
+    key = (transport, host, port)
+    peer = _PEERS.get(key)
+    if peer is None:
+        if len(_PEERS) >= _PEER_CACHE_LIMIT:
+            _PEERS.clear()
+        peer = _PEERS[key] = Peer(transport, host, port)
+    return peer
+
+
+_PEERS: Final[dict[tuple[str, str, int], Peer]] = {}
 
 
 def response_next_hop(response: Response, locality: Locality) -> tuple[Response, Peer] | None:
@@ -139,8 +207,9 @@ def response_next_hop(response: Response, locality: Locality) -> tuple[Response,
         return None
     host, port = nxt.response_address()
     transport = nxt.transport.lower()
-    conn = int(cid) if cid and cid.isdigit() else None
-    return response, Peer(transport, host, port, conn)
+    if cid and cid.isdigit():
+        return response, Peer(transport, host, port, int(cid))
+    return response, _peer(transport, host, port)
 
 
 def pop_own_routes(request: Request, locality: Locality) -> None:

@@ -10,6 +10,8 @@ Header keys are lower-case full names: compact forms are expanded (``v`` is ``vi
 
 from __future__ import annotations
 
+from typing import cast
+
 from clearip.relay.sip.address import Address, parse_address, parse_address_list
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.grammar import split_commas
@@ -56,16 +58,29 @@ def canonical_name(key: str) -> str:
 Header = tuple[str, str, str, str | None]
 
 
+def select_headers(headers: list[Header], keys: tuple[str, ...], *, keep: bool) -> list[Header]:
+    """The headers whose key is in ``keys`` (``keep``) or not, in order: the same tuple
+    objects. (Compiled, a Header read from a list is unboxed and one stored is boxed anew, so
+    a comprehension over the headers would copy every tuple it keeps.)"""
+    selected: list[object] = []
+    for item in cast(list[object], headers):
+        if (cast(tuple[object, ...], item)[1] in keys) == keep:
+            selected.append(item)
+    return cast(list[Header], selected)
+
+
 class Message:
     """What requests and responses share: headers, body and cached structured values."""
 
-    __slots__ = ("_cseq", "_top_via", "body", "headers", "source")
+    __slots__ = ("_cseq", "_from", "_to", "_top_via", "body", "headers", "source")
 
     def __init__(self, headers: list[Header] | None = None, body: bytes = b"") -> None:
         self.headers: list[Header] = headers if headers is not None else []
         self.body = body
         self._top_via: Via | None = None
         self._cseq: tuple[int, str] | None = None
+        self._from: Address | None = None
+        self._to: Address | None = None
         # Where the message came from (set by the transport): (transport, host, port).
         self.source: tuple[str, str, int] | None = None
 
@@ -110,11 +125,15 @@ class Message:
 
     @property
     def from_addr(self) -> Address:
-        return parse_address(self._required("from"))
+        if self._from is None:
+            self._from = parse_address(self._required("from"))
+        return self._from
 
     @property
     def to_addr(self) -> Address:
-        return parse_address(self._required("to"))
+        if self._to is None:
+            self._to = parse_address(self._required("to"))
+        return self._to
 
     @property
     def from_tag(self) -> str | None:
@@ -160,10 +179,14 @@ class Message:
         """Replace every header of this name by one line with ``value`` (kept in place)."""
         key = name.lower()
         key = COMPACT_FORMS.get(key, key)
-        for index, header in enumerate(self.headers):
+        headers = self.headers
+        for index, header in enumerate(headers):
             if header[1] == key:
-                self.headers[index] = (header[0], key, value, None)
-                self.headers[index + 1 :] = [h for h in self.headers[index + 1 :] if h[1] != key]
+                headers[index] = (header[0], key, value, None)
+                for later in range(index + 1, len(headers)):
+                    if headers[later][1] == key:  # more lines of it: drop them
+                        headers[later:] = select_headers(headers[later:], (key,), keep=False)
+                        break
                 self._edited(key)
                 return
         self.append(name, value)
@@ -192,7 +215,7 @@ class Message:
 
     def remove(self, key: str) -> int:
         before = len(self.headers)
-        self.headers = [h for h in self.headers if h[1] != key]
+        self.headers = select_headers(self.headers, (key,), keep=False)
         self._edited(key)
         return before - len(self.headers)
 
@@ -215,6 +238,10 @@ class Message:
             self._top_via = None
         elif key == "cseq":
             self._cseq = None
+        elif key == "from":
+            self._from = None
+        elif key == "to":
+            self._to = None
 
     # -- output ------------------------------------------------------------------------------
     def start_line(self) -> str:
@@ -240,6 +267,10 @@ class Message:
         other.headers = self.headers.copy()  # the tuples are immutable: share them
         other.body = self.body
         other.source = self.source
+        # So are these (the Via is not: the proxy edits it in place).
+        other._cseq = self._cseq
+        other._from = self._from
+        other._to = self._to
 
 
 class Request(Message):

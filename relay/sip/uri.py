@@ -3,18 +3,20 @@
 A URI keeps its original text; ``str(uri)`` returns it unchanged unless a field was edited, so a
 proxy never rewrites a URI it only read. Other schemes are kept as opaque text.
 
-Parsed URIs are immutable and memoised by their text (the same Contact, Route and Request-URI
-recur in every message of a call): callers share them and must not change them.
+Parsed URIs are immutable and :func:`parse_uri` memoises them by their text (Route and
+Record-Route URIs recur in every call): callers share them and must not change them. The
+Request-URI is parsed directly (:func:`parse_sip_uri`) and kept by its request.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass, field
+from typing import Final, final
 
 from clearip.relay.sip.errors import SipParseError
-from clearip.relay.sip.grammar import PARSE_CACHE_SIZE, find_param
+from clearip.relay.sip.grammar import PARSE_CACHE_SIZE, find_param, is_digits, is_host_name
+from clearip.relay.sip.record import Record
 
 _sip_re = re.compile(
     r"(?P<scheme>sips?):(?:(?P<userinfo>[^@]*)@)?"
@@ -36,17 +38,36 @@ def _params(text: str) -> list[tuple[str, str | None]]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class SipUri:
+@final
+class SipUri(Record):
     """``sip:user:password@host:port;params?headers``."""
 
-    scheme: str
-    user: str | None
-    password: str | None
-    host: str
-    port: int | None
-    params: list[tuple[str, str | None]] = field(default_factory=list)
-    headers: str | None = None
+    __slots__ = ("headers", "host", "params", "password", "port", "scheme", "user")
+    FIELDS = ("scheme", "user", "password", "host", "port", "params", "headers")
+
+    def __init__(  # noqa: PLR0917 (the fields in order, as the dataclass it was took them)
+        self,
+        scheme: str,
+        user: str | None,
+        password: str | None,
+        host: str,
+        port: int | None,
+        params: list[tuple[str, str | None]] | None = None,
+        headers: str | None = None,
+    ) -> None:
+        self.scheme: Final = scheme
+        self.user: Final = user
+        self.password: Final = password
+        self.host: Final = host
+        self.port: Final = port
+        self.params: Final[list[tuple[str, str | None]]] = [] if params is None else params
+        self.headers: Final = headers
+
+    def without_headers(self) -> SipUri:
+        """The same URI without its ``?headers`` part."""
+        if self.headers is None:
+            return self
+        return SipUri(self.scheme, self.user, self.password, self.host, self.port, self.params)
 
     def param(self, name: str) -> str | None:
         """A parameter's value ('' for a flag such as ``lr``), or None when absent."""
@@ -84,12 +105,16 @@ class SipUri:
         return "".join(out)
 
 
-@dataclass(frozen=True, slots=True)
-class TelUri:
+@final
+class TelUri(Record):
     """``tel:+1-212-555-0100;phone-context=...``."""
 
-    number: str
-    params: list[tuple[str, str | None]] = field(default_factory=list)
+    __slots__ = ("number", "params")
+    FIELDS = ("number", "params")
+
+    def __init__(self, number: str, params: list[tuple[str, str | None]] | None = None) -> None:
+        self.number: Final = number
+        self.params: Final[list[tuple[str, str | None]]] = [] if params is None else params
 
     def __str__(self) -> str:
         out = ["tel:", self.number]
@@ -98,11 +123,15 @@ class TelUri:
         return "".join(out)
 
 
-@dataclass(frozen=True, slots=True)
-class OtherUri:
+@final
+class OtherUri(Record):
     """Any other scheme (``http:``, ``urn:``...): kept as text."""
 
-    text: str
+    __slots__ = ("text",)
+    FIELDS = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text: Final = text
 
     @property
     def scheme(self) -> str:
@@ -134,7 +163,6 @@ def parse_uri(text: str) -> Uri:
     return OtherUri(text)
 
 
-@functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
 def parse_sip_uri(text: str) -> SipUri:
     # The user part may hold almost anything (even '?', ';' and ':'), but '@' cannot appear
     # unescaped after it, so the last '@' ends the userinfo.
@@ -144,15 +172,24 @@ def parse_sip_uri(text: str) -> SipUri:
     userinfo: str | None = None
     if "@" in rest:
         userinfo, _, rest = rest.rpartition("@")
-    m = _sip_re.fullmatch(f"{scheme}:{rest}")
-    if m is None:
-        raise SipParseError(f"malformed SIP URI {text[:60]!r}", "uri")
+    simple = _simple_sip_uri(scheme, rest)
+    m = None
+    if simple is None:
+        m = _sip_re.fullmatch(f"{scheme}:{rest}")
+        if m is None:
+            raise SipParseError(f"malformed SIP URI {text[:60]!r}", "uri")
     user = password = None
     if userinfo is not None:
         if not userinfo:
             raise SipParseError("empty user part in SIP URI", "uri")
         user, sep, pw = userinfo.partition(":")
         password = pw if sep else None
+    if simple is not None:
+        host, port, params = simple
+        if port is not None and not 0 < port <= MAX_PORT:
+            raise SipParseError(f"port out of range in {text[:60]!r}", "uri")
+        return SipUri(scheme.lower(), user, password, host, port, _params(params), None)
+    assert m is not None
     port = int(m.group("port")) if m.group("port") else None
     if port is not None and not 0 < port <= MAX_PORT:
         raise SipParseError(f"port out of range in {text[:60]!r}", "uri")
@@ -165,6 +202,27 @@ def parse_sip_uri(text: str) -> SipUri:
         _params(m.group("params")),
         m.group("headers"),
     )
+
+
+def _simple_sip_uri(scheme: str, rest: str) -> tuple[str, int | None, str] | None:
+    """(host, port, parameters) when what follows the userinfo is ``host[:port]`` and
+    printable ASCII parameters, with no ``?headers`` and no IPv6 reference, read with string
+    methods (see :mod:`grammar`); None for any other shape, which ``_sip_re`` then decides.
+    The caller has refused spaces and tabs."""
+    lscheme = scheme.lower()
+    if lscheme not in ("sip", "sips") or "?" in rest:
+        return None
+    hostport, semi, params = rest.partition(";")
+    if semi and not (params.isascii() and params.isprintable()):
+        return None
+    host, colon, port_text = hostport.partition(":")
+    if not is_host_name(host):
+        return None
+    if not colon:
+        return host, None, semi + params
+    if not is_digits(port_text, 5):
+        return None
+    return host, int(port_text), semi + params
 
 
 def uri_user_number(uri: Uri) -> str | None:

@@ -6,8 +6,10 @@ transition. :meth:`Machine._fire` looks the pair up, moves to ``next_state`` *be
 the effect, and returns the effect's actions. A pair with no entry is ignored and returns no
 actions: the RFC's "absorb", late timers, responses to a terminated transaction and anything
 else out of place need no code, and nothing a peer sends can make a transaction raise. The
-table is checked when the class is created (every event known, every effect a method), so a
-typo fails at import rather than silently never matching.
+table is compiled and checked when the module is imported (:func:`compile_table`: every event
+known, every effect a method), so a typo fails at import rather than silently never matching;
+the interpreter then looks up one int per event (state and event numbers) and calls the
+effect's method directly.
 
 Timers: effects start and stop them only through :meth:`Machine._start_timer` and
 :meth:`Machine._stop_timers`, so the machine knows which are running. That gives three rules:
@@ -23,8 +25,9 @@ Timers: effects start and stop them only through :meth:`Machine._start_timer` an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
-from typing import Any, ClassVar, cast
+from typing import ClassVar, Final, cast, final
 
 from clearip.relay.sip.message import Request, Response
 from clearip.relay.sip.transaction.actions import (
@@ -42,16 +45,36 @@ from clearip.relay.sip.transaction.timers import TIMER_NAMES, TimerSettings
 #: Responses received (client) or sent by the TU (server, prefixed ``send_``).
 RESPONSE_EVENTS = ("1xx", "2xx", "3xx-6xx")
 
-EVENTS = frozenset(
-    {
-        *RESPONSE_EVENTS,
-        *(f"send_{event}" for event in RESPONSE_EVENTS),
-        *(f"timer_{name}" for name in TIMER_NAMES),
-        "transport_error",
-        "request",  # a retransmission of the request that created a server transaction
-        "ack",  # an ACK reaching an INVITE server transaction
-    }
+#: Every event a table may name, by its number (what the interpreter dispatches on: an int
+#: compares and hashes in C, where an Enum's hash runs Python code).
+EVENT_NAMES: Final = (
+    *RESPONSE_EVENTS,
+    *(f"send_{event}" for event in RESPONSE_EVENTS),
+    *(f"timer_{name}" for name in sorted(TIMER_NAMES)),
+    "transport_error",
+    "request",  # a retransmission of the request that created a server transaction
+    "ack",  # an ACK reaching an INVITE server transaction
 )
+EVENTS = frozenset(EVENT_NAMES)
+EVENT_CODES: Final = {name: code for code, name in enumerate(EVENT_NAMES)}
+#: ``on_timer(name)`` -> the event code of ``timer_<name>``.
+TIMER_EVENTS: Final = {name: EVENT_CODES[f"timer_{name}"] for name in TIMER_NAMES}
+#: Timer name -> its bit in a machine's running-timers mask, and the names in bit order
+#: (alphabetical: the order StopTimer actions come in).
+_TIMER_ORDER: Final = tuple((name, 1 << index) for index, name in enumerate(sorted(TIMER_NAMES)))
+_TIMER_BITS: Final = dict(_TIMER_ORDER)
+EVENT_1XX: Final = 0
+EVENT_SEND_1XX: Final = 3
+EVENT_TRANSPORT_ERROR: Final = EVENT_CODES["transport_error"]
+EVENT_REQUEST: Final = EVENT_CODES["request"]
+EVENT_ACK: Final = EVENT_CODES["ack"]
+_ROW: Final = 32  # > len(EVENT_NAMES): a (state, event) pair is state * _ROW + event
+
+#: An effect: a machine's method returning the actions of a transition.
+Effect = Callable[["Machine"], list[Action]]
+#: A compiled row: the next state's number, the state itself, whether it is TERMINATED, and
+#: the effect.
+Transition = tuple[int, Enum, bool, Effect]
 
 
 def response_event(response: Response) -> str:
@@ -66,59 +89,115 @@ def response_event(response: Response) -> str:
     return "invalid"
 
 
+def _response_code(status: int) -> int:
+    """The event number of a response's class (0, 1, 2), or -1 outside 100-699."""
+    if 100 <= status < 700:
+        return 0 if status < 200 else 1 if status < 300 else 2
+    return -1
+
+
+@final
+class Table:
+    """A machine's TABLE as the interpreter reads it (see :func:`compile_table`)."""
+
+    __slots__ = ("initial", "initial_number", "transitions")
+
+    def __init__(self, transitions: dict[int, Transition], initial: Enum) -> None:
+        self.transitions: Final = transitions
+        self.initial: Final = initial
+        self.initial_number: Final = _number(initial)
+
+
+def compile_table(
+    cls: type[Machine], table: dict[tuple[Enum, str], tuple[Enum, str]], initial: Enum
+) -> Table:
+    """A machine's TABLE as the interpreter reads it: keys ``state * _ROW + event``, effects
+    resolved to the methods, and the state machines start in. Checked here, at import, so a
+    typo (unknown event, no such effect method) fails at once rather than silently never
+    matching."""
+    compiled: dict[int, Transition] = {}
+    for (state, event), (next_state, effect) in table.items():
+        code = EVENT_CODES.get(event)
+        if code is None:
+            raise TypeError(f"{cls.__name__}.TABLE: unknown event {event!r}")
+        method = getattr(cls, effect, None)
+        if not callable(method):
+            raise TypeError(f"{cls.__name__}.TABLE: no effect method {effect!r}")
+        compiled[_number(state) * _ROW + code] = (
+            _number(next_state),
+            next_state,
+            next_state.name == "TERMINATED",
+            cast(Effect, method),
+        )
+    return Table(compiled, initial)
+
+
+def _number(state: Enum) -> int:
+    return list(type(state)).index(state)
+
+
 class Machine:
-    TABLE: ClassVar[dict[tuple[Any, str], tuple[Any, str]]] = {}
+    """The interpreter of a transition table (see the module docstring).
 
-    state: Enum
+    ``state`` is the machine's state enum member (what callers and tests read); the
+    interpreter dispatches on ``_state``, its position in the enum.
+    """
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        for (_, event), (_, effect) in cls.TABLE.items():
-            if event not in EVENTS:
-                raise TypeError(f"{cls.__name__}.TABLE: unknown event {event!r}")
-            if not callable(getattr(cls, effect, None)):
-                raise TypeError(f"{cls.__name__}.TABLE: no effect method {effect!r}")
+    TABLE: ClassVar[dict[tuple[Enum, str], tuple[Enum, str]]] = {}
 
-    def __init__(self, *, reliable: bool, timers: TimerSettings) -> None:
+    def __init__(self, *, reliable: bool, timers: TimerSettings, table: Table) -> None:
         self.reliable = reliable
         self.timers = timers
-        self._running: set[str] = set()
+        self._running = 0  # the timers running, as bits (_TIMER_BITS): no set per transaction
+        self._table = table.transitions
+        self.state: Enum = table.initial
+        self._state = table.initial_number
+        self._over = False
 
     @property
     def terminated(self) -> bool:
-        return self.state.name == "TERMINATED"
+        return self._over
 
     def on_timer(self, name: str) -> list[Action]:
         """A timer this transaction started has fired (one not running: no actions)."""
-        if name not in self._running:
+        bit = _TIMER_BITS.get(name, 0)
+        if not self._running & bit:
             return []
-        self._running.discard(name)
-        return self._fire(f"timer_{name}")
+        self._running &= ~bit
+        return self._fire(TIMER_EVENTS[name])
 
     def on_transport_error(self) -> list[Action]:
         """The transport failed to send something for this transaction."""
-        return self._fire("transport_error")
+        return self._fire(EVENT_TRANSPORT_ERROR)
 
-    def _fire(self, event: str) -> list[Action]:
-        entry = self.TABLE.get((self.state, event))
+    def _fire(self, event: int) -> list[Action]:
+        entry = self._table.get(self._state * _ROW + event)
         if entry is None:
             return []
-        self.state, effect = entry
-        return cast(list[Action], getattr(self, effect)())
+        self._state, self.state, self._over, effect = entry
+        return effect(self)
 
     def _start_timer(self, name: str, delay: float) -> list[Action]:
         """Start (or restart) a timer; one of zero duration fires now, through the table."""
+        bit = _TIMER_BITS[name]
         if delay > 0:
-            self._running.add(name)
+            self._running |= bit
             return [StartTimer(name, delay)]
-        self._running.discard(name)
-        return self._fire(f"timer_{name}")
+        self._running &= ~bit
+        return self._fire(TIMER_EVENTS[name])
 
     def _stop_timers(self, *names: str) -> list[Action]:
         """Stop these timers (all running ones when none are named)."""
-        stopping = sorted(self._running.intersection(names) if names else self._running)
-        self._running.difference_update(stopping)
-        return [StopTimer(name) for name in stopping]
+        stopping = self._running
+        if names:
+            mask = 0
+            for name in names:
+                mask |= _TIMER_BITS[name]
+            stopping &= mask
+        if not stopping:
+            return []
+        self._running &= ~stopping
+        return [StopTimer(name) for name, bit in _TIMER_ORDER if stopping & bit]
 
     # Effects shared by every machine.
     def _terminate(self) -> list[Action]:
@@ -144,8 +223,15 @@ class ClientMachine(Machine):
     RETRANSMIT: ClassVar[str] = ""
     TIMEOUT: ClassVar[str] = ""
 
-    def __init__(self, request: Request, *, reliable: bool, timers: TimerSettings) -> None:
-        super().__init__(reliable=reliable, timers=timers)
+    def __init__(
+        self,
+        request: Request,
+        *,
+        reliable: bool,
+        timers: TimerSettings,
+        table: Table,
+    ) -> None:
+        super().__init__(reliable=reliable, timers=timers, table=table)
         self.request = request
         self._interval = timers.t1
         self._started = False
@@ -164,7 +250,8 @@ class ClientMachine(Machine):
     def on_response(self, response: Response) -> list[Action]:
         """A response matched to this transaction (:func:`matching.client_key`)."""
         self._response = response
-        return self._fire(response_event(response))
+        code = _response_code(response.status)
+        return self._fire(EVENT_1XX + code) if code >= 0 else []
 
     def _deliver(self) -> list[Action]:
         assert self._response is not None
@@ -174,8 +261,15 @@ class ClientMachine(Machine):
 class ServerMachine(Machine):
     """What both server machines share: the request and sending the TU's responses."""
 
-    def __init__(self, request: Request, *, reliable: bool, timers: TimerSettings) -> None:
-        super().__init__(reliable=reliable, timers=timers)
+    def __init__(
+        self,
+        request: Request,
+        *,
+        reliable: bool,
+        timers: TimerSettings,
+        table: Table,
+    ) -> None:
+        super().__init__(reliable=reliable, timers=timers, table=table)
         self.request = request
         self._last: Response | None = None  # the latest response sent
         self._outgoing: Response | None = None
@@ -183,7 +277,8 @@ class ServerMachine(Machine):
     def send_response(self, response: Response) -> list[Action]:
         """A response from the TU."""
         self._outgoing = response
-        return self._fire("send_" + response_event(response))
+        code = _response_code(response.status)
+        return self._fire(EVENT_SEND_1XX + code) if code >= 0 else []
 
     def _send(self) -> list[Action]:
         assert self._outgoing is not None

@@ -28,7 +28,7 @@ from enum import Enum, auto
 from clearip.relay.sip.message import Request
 from clearip.relay.sip.transaction.ack import ack_for
 from clearip.relay.sip.transaction.actions import Action, SendMessage
-from clearip.relay.sip.transaction.base import ClientMachine
+from clearip.relay.sip.transaction.base import ClientMachine, compile_table
 from clearip.relay.sip.transaction.matching import TransactionKey, client_key_for
 from clearip.relay.sip.transaction.timers import DEFAULT_TIMERS, TimerSettings
 
@@ -66,11 +66,16 @@ class ClientInviteTransaction(ClientMachine):
     }
 
     def __init__(
-        self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS
+        self,
+        request: Request,
+        *,
+        reliable: bool,
+        timers: TimerSettings = DEFAULT_TIMERS,
+        key: TransactionKey | None = None,
     ) -> None:
-        super().__init__(request, reliable=reliable, timers=timers)
-        self.key: TransactionKey = client_key_for(request)
-        self.state: ClientInviteState = S.CALLING
+        """``key``: :func:`client_key_for` of ``request``, when the caller made it already."""
+        super().__init__(request, reliable=reliable, timers=timers, table=_TABLE)
+        self.key: TransactionKey = client_key_for(request) if key is None else key
         self._ack: Request | None = None
 
     # -- effects -------------------------------------------------------------------------------
@@ -101,3 +106,6 @@ class ClientInviteTransaction(ClientMachine):
     def _resend_ack(self) -> list[Action]:
         assert self._ack is not None
         return [SendMessage(self._ack)]
+
+
+_TABLE = compile_table(ClientInviteTransaction, ClientInviteTransaction.TABLE, S.CALLING)

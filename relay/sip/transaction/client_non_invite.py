@@ -23,7 +23,7 @@ from enum import Enum, auto
 
 from clearip.relay.sip.message import Request
 from clearip.relay.sip.transaction.actions import Action, SendMessage
-from clearip.relay.sip.transaction.base import ClientMachine
+from clearip.relay.sip.transaction.base import ClientMachine, compile_table
 from clearip.relay.sip.transaction.matching import TransactionKey, client_key_for
 from clearip.relay.sip.transaction.timers import DEFAULT_TIMERS, TimerSettings
 
@@ -60,9 +60,8 @@ class ClientNonInviteTransaction(ClientMachine):
     def __init__(
         self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS
     ) -> None:
-        super().__init__(request, reliable=reliable, timers=timers)
+        super().__init__(request, reliable=reliable, timers=timers, table=_TABLE)
         self.key: TransactionKey = client_key_for(request)
-        self.state: ClientNonInviteState = S.TRYING
 
     # -- effects -------------------------------------------------------------------------------
     def _retransmit(self) -> list[Action]:
@@ -78,3 +77,6 @@ class ClientNonInviteTransaction(ClientMachine):
             *self._deliver(),
             *self._start_timer("K", 0.0 if self.reliable else self.timers.timer_k),
         ]
+
+
+_TABLE = compile_table(ClientNonInviteTransaction, ClientNonInviteTransaction.TABLE, S.TRYING)

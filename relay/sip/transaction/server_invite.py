@@ -37,7 +37,12 @@ from enum import Enum, auto
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.transaction.actions import Action, DeliverRequest
-from clearip.relay.sip.transaction.base import ServerMachine
+from clearip.relay.sip.transaction.base import (
+    EVENT_ACK,
+    EVENT_REQUEST,
+    ServerMachine,
+    compile_table,
+)
 from clearip.relay.sip.transaction.matching import (
     TransactionKey,
     has_rfc3261_branch,
@@ -77,11 +82,16 @@ class ServerInviteTransaction(ServerMachine):
     }
 
     def __init__(
-        self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS
+        self,
+        request: Request,
+        *,
+        reliable: bool,
+        timers: TimerSettings = DEFAULT_TIMERS,
+        key: TransactionKey | None = None,
     ) -> None:
-        super().__init__(request, reliable=reliable, timers=timers)
-        self.key: TransactionKey = server_key(request)
-        self.state: ServerInviteState = S.PROCEEDING
+        """``key``: :func:`server_key` of ``request``, when the caller made it already."""
+        super().__init__(request, reliable=reliable, timers=timers, table=_TABLE)
+        self.key: TransactionKey = server_key(request) if key is None else key
         self._rfc3261 = has_rfc3261_branch(request)
         self._interval = timers.timer_g
         self._final: Response | None = None  # the 300-699 sent, once Completed
@@ -94,9 +104,9 @@ class ServerInviteTransaction(ServerMachine):
                 if _to_tag(request) != _to_tag(self._final):
                     return []
             self._ack = request
-            return self._fire("ack")
+            return self._fire(EVENT_ACK)
         if request.method == "INVITE":
-            return self._fire("request")
+            return self._fire(EVENT_REQUEST)
         return []
 
     # -- effects -------------------------------------------------------------------------------
@@ -130,3 +140,6 @@ def _to_tag(message: Message) -> str | None:
         return message.to_tag
     except SipParseError:
         return None
+
+
+_TABLE = compile_table(ServerInviteTransaction, ServerInviteTransaction.TABLE, S.PROCEEDING)

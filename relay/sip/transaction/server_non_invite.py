@@ -23,7 +23,7 @@ from enum import Enum, auto
 
 from clearip.relay.sip.message import Request
 from clearip.relay.sip.transaction.actions import Action
-from clearip.relay.sip.transaction.base import ServerMachine
+from clearip.relay.sip.transaction.base import EVENT_REQUEST, ServerMachine, compile_table
 from clearip.relay.sip.transaction.matching import TransactionKey, server_key
 from clearip.relay.sip.transaction.timers import DEFAULT_TIMERS, TimerSettings
 
@@ -58,15 +58,14 @@ class ServerNonInviteTransaction(ServerMachine):
     def __init__(
         self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS
     ) -> None:
-        super().__init__(request, reliable=reliable, timers=timers)
+        super().__init__(request, reliable=reliable, timers=timers, table=_TABLE)
         self.key: TransactionKey = server_key(request)
-        self.state: ServerNonInviteState = S.TRYING
 
     def on_request(self, request: Request) -> list[Action]:
         """A retransmission of the request matched to this transaction."""
         if request.method != self.request.method:
             return []
-        return self._fire("request")
+        return self._fire(EVENT_REQUEST)
 
     # -- effects -------------------------------------------------------------------------------
     def _completed(self) -> list[Action]:
@@ -74,3 +73,6 @@ class ServerNonInviteTransaction(ServerMachine):
             *self._send(),
             *self._start_timer("J", 0.0 if self.reliable else self.timers.timer_j),
         ]
+
+
+_TABLE = compile_table(ServerNonInviteTransaction, ServerNonInviteTransaction.TABLE, S.TRYING)
