@@ -15,6 +15,7 @@ time (see ``relay/__init__.py``).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import shutil
 import sys
@@ -26,7 +27,6 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 FOLDERS = ("relay", "ctl", "bpf")
-COMPILED = ("relay/sip", "relay/proxy")
 # One shared library holds the compiled code of every module (calls between them stay C calls);
 # each module gets a small extension that loads its part from it.
 GROUP = "clearip.relay._core"
@@ -35,6 +35,13 @@ PURE_HINT = (
     "install a C compiler and the Python headers (Debian: gcc python3-dev, RHEL: gcc "
     "python3.11-devel) and reinstall to compile it"
 )
+
+# Which sources are compiled and their digest, shared with relay/__init__.py (loaded by path:
+# importing the relay package here would run its start-up checks).
+_spec = importlib.util.spec_from_file_location("_coresources", Path("relay", "coresources.py"))
+assert _spec is not None and _spec.loader is not None
+_core = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_core)
 
 packages: list[str] = []
 package_dir: dict[str, str] = {}
@@ -76,12 +83,7 @@ def _sources() -> list[str]:
     # Package __init__ files stay interpreted: a compiled one computes its __path__ from the
     # module name (clearip/relay/sip), which is not where the folder is (relay/sip); they
     # only re-export names.
-    return [
-        str(farm / path)
-        for folder in COMPILED
-        for path in sorted(Path(folder).rglob("*.py"))
-        if path.name != "__init__.py"
-    ]
+    return [str(link / os.path.relpath(path, "relay")) for path in _core.core_sources("relay")]
 
 
 def _mypy_config() -> str:
@@ -170,6 +172,8 @@ class BuildCore(build_ext):
             # when setuptools kept an older identical copy.
             for library in Path("relay").glob("_core__mypyc.*"):
                 os.utime(library, (_READ_AT[0], _READ_AT[0]))
+            # ... and names their contents, which a checkout that only moves times keeps.
+            Path("relay", _core.DIGEST_FILE).write_text(_core.core_digest("relay") + "\n")
 
 
 # A placeholder, replaced by BuildCore: it makes setuptools run build_ext and tag the wheel

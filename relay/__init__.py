@@ -25,9 +25,9 @@ from importlib.machinery import ModuleSpec
 from importlib.util import spec_from_file_location
 from types import ModuleType
 
+from clearip.relay.coresources import COMPILED_PACKAGES, DIGEST_FILE, core_digest, core_sources
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
-#: The packages whose modules are compiled.
-COMPILED_PACKAGES = ("sip", "proxy")
 _PREFIXES = tuple(f"{__name__}.{package}." for package in COMPILED_PACKAGES)
 
 
@@ -56,24 +56,24 @@ def pure_python_requested() -> bool:
 
 
 def _stale_source() -> str | None:
-    """In a source checkout, a source of the core newer than the compiled library (or None)."""
+    """In a source checkout, a source of the core edited since the library was built in place
+    (or None). Times first (cheap); a newer file is stale only if the contents differ."""
     if not os.path.exists(os.path.join(os.path.dirname(_HERE), "setup.py")):
         return None  # installed: sources and extensions come from the same build
     libraries = glob.glob(os.path.join(_HERE, "_core__mypyc.*"))
     if not libraries:
         return None  # never compiled here
     built = min(os.path.getmtime(path) for path in libraries)
-    for package in COMPILED_PACKAGES:
-        for folder, _, files in os.walk(os.path.join(_HERE, package)):
-            for file in files:
-                path = os.path.join(folder, file)
-                if (
-                    file.endswith(".py")
-                    and file != "__init__.py"
-                    and os.path.getmtime(path) > built
-                ):
-                    return path
-    return None
+    newer = [path for path in core_sources(_HERE) if os.path.getmtime(path) > built]
+    if not newer:
+        return None
+    try:
+        with open(os.path.join(_HERE, DIGEST_FILE)) as recorded:
+            if recorded.read().strip() == core_digest(_HERE):
+                return None
+    except OSError:
+        pass
+    return newer[0]
 
 
 def core_build() -> str:
