@@ -16,9 +16,9 @@ Outbound stream connections are reused per peer (RFC 5923 style) and idle ones a
 
 As one of several worker processes (a :class:`WorkerRole`, issue #16) every listener is bound
 with SO_REUSEPORT; each UDP listener joins the Call-ID steering program and gets a second
-"emergency" socket on the same address, drained before every batch of the normal one; and a
-message read on an inbound stream connection goes to the worker owning its Call-ID
-(:mod:`handoff`). Without a role none of this costs anything per message.
+"emergency" socket on the same address, drained before every batch of the normal one and after
+every few datagrams of it; and a message read on an inbound stream connection goes to the
+worker owning its Call-ID (:mod:`handoff`). Without a role none of this costs anything per message.
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ _IPV6_TCLASS = getattr(socket, "IPV6_TCLASS", 67)
 _SO_TIMESTAMPNS = 35
 _CMSG_SPACE = socket.CMSG_SPACE(4) * 2 + socket.CMSG_SPACE(16)
 _UDP_BATCH = 64
+# With an emergency socket (steering), it is looked at again after every few normal datagrams.
+_EMERGENCY_EVERY = 4
 
 
 @functools.lru_cache(maxsize=4096)
@@ -164,7 +166,11 @@ class _UdpSocket:
         if any(marked for _, _, marked in batch):
             self.endpoint.counters["udp_dscp_ef_received"] += 1
             batch.sort(key=lambda item: not item[2])
-        for data, peer, _ in batch:
+        emergency = self.emergency
+        for index, (data, peer, _) in enumerate(batch):
+            if emergency is not None and index and not index % _EMERGENCY_EVERY:
+                # A 911 that arrived while this batch runs waits for a few datagrams only.
+                emergency.on_emergency_readable()
             self.endpoint.datagram_received(data, peer, self)
 
     def on_emergency_readable(self) -> None:
