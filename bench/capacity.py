@@ -104,6 +104,32 @@ def search(
     return summary, steps
 
 
+def scaling_report(summaries: list[dict[str, Any]], upstream: str) -> str:
+    """Each relay's highest clean rate against Kamailio's, and per worker against one worker's
+    (how far the relay scales across cores on this rig)."""
+    relays = [s for s in summaries if s["upstream"] == upstream and "workers" in s]
+    kam = next(
+        (s for s in summaries if s["upstream"] == upstream and s["system"] == "kamailio"), None
+    )
+    single = next((s for s in relays if s["workers"] == 1 and s["clean_rate"]), None)
+    lines = []
+    for relay in relays:
+        rate, workers = relay["clean_rate"], relay["workers"]
+        if not rate:
+            continue
+        parts = [f"{relay['system']} ({upstream}): {rate} calls/s"]
+        if kam and kam["clean_rate"]:
+            parts.append(f"x{rate / kam['clean_rate']:.2f} Kamailio's {kam['clean_rate']}")
+        if single and workers > 1:
+            per_worker = rate / workers
+            parts.append(
+                f"{per_worker:.0f} per worker = x{per_worker / single['clean_rate']:.2f} "
+                "the single worker's"
+            )
+        lines.append("ratio " + ", ".join(parts))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.capacity",
@@ -116,30 +142,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--refine", type=int, default=2, help="bisection steps (default 2)")
     parser.add_argument("--upstream", type=parse_upstreams, default=["udp"], help="default udp")
     parser.add_argument("--no-kamailio", action="store_true", help="the relay only")
-    rig.add_common_args(parser)
+    rig.add_common_args(parser, several_workers=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rig.use_workers(args.workers)
     summaries: list[dict[str, Any]] = []
     steps: list[dict[str, Any]] = []
     notes: list[str] = []
     workdir = rig.workdir_for("capacity")
     ports = Ports.shifted(args.port_base)
-    systems = ["relay"]
+    # (system, relay workers): the relay once per worker count, then Kamailio.
+    systems: list[tuple[str, int]] = [("relay", count) for count in args.workers]
     if not args.no_kamailio:
         if rig.have_kamailio():
-            systems.append("kamailio")
+            systems.append(("kamailio", 1))
         else:
             notes.append("kamailio is not installed: side-by-side skipped")
     try:
         rig.require_tools("sipp")
         for upstream in args.upstream:
-            for system in systems:
+            for system, workers in systems:
                 if system == "kamailio" and upstream == "tls":
                     continue
+                rig.use_workers(workers)
                 summary, ran = search(
                     system,
                     upstream,
@@ -151,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
                     seconds=args.seconds,
                     refine=args.refine,
                 )
+                if system == "relay":
+                    summary["workers"] = workers
+                    if workers > 1:
+                        summary["system"] = f"relay x{workers}"
                 summaries.append(summary)
                 steps += ran
     except rig.BenchError as exc:
@@ -160,14 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     print(rig.format_table(steps, STEP_COLUMNS))
     print()
     print(rig.format_table(summaries, SUMMARY_COLUMNS))
-    by_system = {(s["system"], s["upstream"]): s for s in summaries}
     for upstream in args.upstream:
-        relay_row, kam = by_system.get(("relay", upstream)), by_system.get(("kamailio", upstream))
-        if relay_row and kam and relay_row["clean_rate"] and kam["clean_rate"]:
-            print(
-                f"ratio relay/kamailio highest clean rate ({upstream}): "
-                f"{relay_row['clean_rate'] / kam['clean_rate']:.2f}"
-            )
+        print(scaling_report(summaries, upstream))
     for note in notes:
         print(f"note: {note}")
     if args.json:

@@ -18,6 +18,7 @@ them all, so two benchmarks on one host do not collide).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -950,12 +951,36 @@ def workdir_for(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"bench-{prefix}-"))
 
 
-def add_common_args(parser: Any) -> None:
-    """Options every call benchmark takes."""
+def worker_counts(text: str) -> list[int]:
+    """``--workers`` as a comma list: numbers, or ``all`` for one worker per CPU."""
+    counts = []
+    for raw in text.split(","):
+        item = raw.strip()
+        count = (os.cpu_count() or 1) if item == "all" else int(item) if item.isdigit() else 0
+        if count < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: a number >= 1 or 'all'")
+        if count not in counts:
+            counts.append(count)
+    return counts
+
+
+def add_common_args(parser: Any, *, several_workers: bool = False) -> None:
+    """Options every call benchmark takes; ``several_workers``: ``--workers`` is a list
+    (e.g. ``1,2,all``) and the relay runs once per count."""
     parser.add_argument(
         "--port-base", type=int, default=0, metavar="N", help="add N to every port (default 0)"
     )
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    if several_workers:
+        parser.add_argument(
+            "--workers",
+            type=worker_counts,
+            default=[1],
+            metavar="N[,N...]",
+            help="relay worker processes, a comma list, 'all' = one per CPU (default 1; N > 1 "
+            "steers calls in the kernel, needs root); the relay is measured once per count",
+        )
+        return
     parser.add_argument(
         "--workers",
         type=int,

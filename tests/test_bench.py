@@ -173,6 +173,28 @@ def test_relay_config_is_valid_toml_with_overrides(tmp_path: Path) -> None:
     assert data["emergency"] == {"route": "sip:h:1"}
 
 
+def test_worker_counts_and_the_scaling_report() -> None:
+    import argparse
+
+    from bench.capacity import scaling_report
+
+    every_cpu = os.cpu_count() or 1
+    assert rig.worker_counts("1,2,all,2") == list(dict.fromkeys([1, 2, every_cpu]))
+    with pytest.raises(argparse.ArgumentTypeError, match="'0'"):
+        rig.worker_counts("1,0")
+    summaries = [
+        {"system": "relay", "upstream": "udp", "workers": 1, "clean_rate": 400},
+        {"system": "relay x4", "upstream": "udp", "workers": 4, "clean_rate": 1200},
+        {"system": "kamailio", "upstream": "udp", "clean_rate": 1000},
+    ]
+    report = scaling_report(summaries, "udp").splitlines()
+    assert report[0] == "ratio relay (udp): 400 calls/s, x0.40 Kamailio's 1000"
+    assert report[1] == (
+        "ratio relay x4 (udp): 1200 calls/s, x1.20 Kamailio's 1000, "
+        "300 per worker = x0.75 the single worker's"
+    )
+
+
 def test_process_tree_accounts_children() -> None:
     child = subprocess.Popen(
         [sys.executable, "-c", "import subprocess,sys; subprocess.run(['sleep','5'])"]
