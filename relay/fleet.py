@@ -62,8 +62,12 @@ def sum_counters(parts: Iterable[Mapping[str, int] | None]) -> Counter[str]:
     return total
 
 
-def merge_upstreams(statuses: Iterable[Mapping[str, Any] | None]) -> dict[str, dict[str, Any]]:
-    """Each upstream role as one status: ``up`` only if up in every worker that answered."""
+def merge_upstreams(
+    statuses: Iterable[Mapping[str, Any] | None], *, silent: int = 0
+) -> dict[str, dict[str, Any]]:
+    """Each upstream role as one status: ``up`` only if up in every worker. ``silent``:
+    workers that did not answer (starting, restarting): while there are any, a link up in
+    all the others is ``starting``, since the calls a silent worker owns cannot be relayed."""
     merged: dict[str, dict[str, Any]] = {}
     for status in statuses:
         for role, link in (status or {}).items():
@@ -74,6 +78,10 @@ def merge_upstreams(statuses: Iterable[Mapping[str, Any] | None]) -> dict[str, d
             elif seen["state"] == "up" and link.get("state") != "up":
                 seen["state"] = link.get("state")
             seen["up"] += link.get("state") == "up"
+    if silent:
+        for seen in merged.values():
+            if seen["state"] == "up":
+                seen["state"] = "starting"
     return merged
 
 
@@ -90,7 +98,9 @@ def merge_status(
     out: dict[str, Any] = {
         "uptime_s": supervisor["uptime_s"],
         "listeners": answers[0]["listeners"] if answers else [],
-        "upstreams": merge_upstreams(a.get("upstreams") for a in answers),
+        "upstreams": merge_upstreams(
+            (a.get("upstreams") for a in answers), silent=len(views) - len(answers)
+        ),
     }
     for key in TOTALS:
         out[key] = sum(int(a.get(key, 0)) for a in answers)
@@ -155,7 +165,9 @@ def merge_snapshots(
         latency.add(retired_latency)
     for answer in answers:
         latency.add(LatencyHistogram.from_dict(answer["latency"]))
-    upstreams = merge_upstreams(a.get("upstreams") for a in answers)
+    upstreams = merge_upstreams(
+        (a.get("upstreams") for a in answers), silent=len(views) - len(answers)
+    )
     snapshot: dict[str, Any] = {
         "counters": sum_counters([own, *(a.get("counters") for a in answers)]),
         "latency": latency,

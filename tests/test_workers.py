@@ -159,6 +159,9 @@ def test_status_sums_the_workers_and_shows_each() -> None:
     assert merged["per_worker"]["1"]["upstreams"] == {"switch": "down"}
     assert merged["per_worker"]["2"]["state"] == "not answering"
     assert merge_upstreams([{"s": {"uri": "u", "state": "up"}}] * 2)["s"]["state"] == "up"
+    # A worker still starting owns calls that cannot be relayed yet: not up as a whole.
+    starting = merge_upstreams([{"s": {"uri": "u", "state": "up"}}], silent=1)["s"]
+    assert (starting["state"], starting["up"]) == ("starting", 1)
 
 
 def test_stats_and_metrics_sum_counters_and_keep_a_worker_label() -> None:
