@@ -23,7 +23,7 @@ from typing import Any
 
 from clearip.relay.config import load_config
 from clearip.relay.emergency import EmergencyNumbers
-from clearip.relay.gcpolicy import start_policy
+from clearip.relay.gcpolicy import FREEZE_INTERVAL, start_policy
 from clearip.relay.proxy.core import ProxyCore
 from clearip.relay.proxy.effects import CancelTimer, Send, StartTimer
 from clearip.relay.proxy.routing import Locality
@@ -64,6 +64,7 @@ INVITE = (
     "v=0\r\no=switch 53655765 2353687637 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\n"
     "t=0 0\r\nm=audio 6000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
 )
+CALL_INTERVAL = 0.002  # simulated time between calls: 500 calls/s
 _LINE = re.compile(r"^(Via|From|To|Call-ID|CSeq|Record-Route): [^\r\n]*", re.M)
 
 
@@ -155,7 +156,7 @@ class Driver:
                         + "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
                     )
                     queue += self.feed(request.encode(), SWITCH)
-        self.now += 0.002
+        self.now += CALL_INTERVAL
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,13 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     for n in range(200):  # warm-up
         driver.call(n)
     driver.busy, driver.messages = 0.0, 0
-    start_policy()  # as the daemon runs: survivors frozen every second (here every 500 calls)
+    # As the daemon runs: survivors frozen every FREEZE_INTERVAL of (simulated) time.
+    start_policy()
+    freeze_every = max(1, round(FREEZE_INTERVAL / CALL_INTERVAL))
     profile = cProfile.Profile() if args.profile else None
     if profile is not None:
         profile.enable()
     for n in range(200, 200 + calls):
         driver.call(n)
-        if n % 500 == 0:
+        if n % freeze_every == 0:
             gc.freeze()
     if profile is not None:
         profile.disable()

@@ -10,11 +10,15 @@ The call path makes no reference cycles (``tests/test_gcpolicy.py`` checks that 
 nothing for the collector), so lingering objects are freed by reference counting alone and the
 collector has nothing to find among them. The policy therefore:
 
-- collects young objects as usual (larger generation-0 threshold: fewer, equally cheap passes),
-  so short-lived cyclic garbage (an exception with its traceback) is still reclaimed at once;
-- every ``freeze_interval`` seconds moves the survivors into the permanent generation
-  (``gc.freeze()``, O(1)), which collections never scan; a frozen object freed by reference
-  counting leaves it as usual;
+- every ``freeze_interval`` seconds (a tenth of a second) moves the survivors into the
+  permanent generation (``gc.freeze()``, O(1)), which collections never scan; a frozen object
+  freed by reference counting leaves it as usual. A young collection visits every object that
+  survived since the last one (~0.9 us each: cold in cache), so freezing them first is what
+  saves the time: at 1,000 calls/s a tenth of a second leaves fewer survivors than the
+  generation-0 threshold, and young collections run only in bursts;
+- still collects young objects when a burst passes the (larger) generation-0 threshold, so
+  short-lived cyclic garbage made in a burst is reclaimed there, the rest at the full
+  collection below;
 - every ``full_interval`` seconds unfreezes and runs one full collection, so that a cycle which
   died after being frozen (a closed TCP connection, say) is reclaimed in bounded time. The
   pause is logged with its duration and counted.
@@ -31,7 +35,7 @@ from collections import Counter
 log = logging.getLogger("clearip.gc")
 
 GEN0_THRESHOLD = 20_000
-FREEZE_INTERVAL = 1.0
+FREEZE_INTERVAL = 0.1
 FULL_INTERVAL = 600.0
 
 
