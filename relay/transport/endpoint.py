@@ -350,6 +350,7 @@ class SipEndpoint:
         self._servers: list[asyncio.AbstractServer] = []
         self.locals: list[LocalAddress] = []
         self._route_cache: dict[str, str] = {}
+        self._local_cache: dict[tuple[str, str | None, bool, int], LocalAddress] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[None]] = set()
         # Tracing costs one attribute check per message when nobody traces.
@@ -481,11 +482,16 @@ class SipEndpoint:
         ``record_route``: an address a peer can send new requests to, so always a listener
         (the UDP one when there is none for ``transport``).
         """
+        key = (transport, remote_host, record_route, len(self.locals))
+        cached = self._local_cache.get(key)
+        if cached is not None:
+            return cached
         transport = transport.lower()
         want_v6 = remote_host is not None and ":" in remote_host
         candidates = [a for a in self.locals if a.transport == transport]
         if not candidates and record_route:
             candidates = [a for a in self.locals if a.transport == "udp"] or self.locals
+        listening = bool(candidates)
         if not candidates:
             connection = self.connections.get(conn) if conn is not None else None
             if connection is not None and connection.sockname is not None:
@@ -498,7 +504,14 @@ class SipEndpoint:
         chosen = next((a for a in candidates if (":" in a.host) == want_v6), candidates[0])
         if chosen.host in ("0.0.0.0", "::") and remote_host is not None:
             host = self._source_address_for(remote_host)
-            return LocalAddress(chosen.transport, host, chosen.port)
+            chosen = LocalAddress(chosen.transport, host, chosen.port)
+        # Asked for every message sent: remembered per peer address when a listener answered
+        # (it cannot change while the listeners do not, and a new listener changes the key);
+        # a connection's own address is not remembered.
+        if listening:
+            if len(self._local_cache) > 4096:
+                self._local_cache.clear()
+            self._local_cache[key] = chosen
         return chosen
 
     def local_address(self, peer: Peer) -> tuple[str, int]:
