@@ -280,6 +280,8 @@ def test_in_dialog_bye_routed_by_route_header_without_state(world: World) -> Non
     assert message.get_all("route") == ["<sip:198.51.100.30;lr>"]
     assert message.top_via.branch and message.top_via.branch.startswith("z9hG4bKcis")
     assert world.core.active_transactions == 0
+    # Counted by method, in lower case: clearip_in_dialog_requests_total{method="bye"}.
+    assert world.core.counters["in_dialog_bye"] == 1
     # Its response comes back through us to the switch, by Via alone.
     ok = reply_to(message, 200)
     back = sent(world.send(ok, Peer("udp", "198.51.100.30", 5060)))

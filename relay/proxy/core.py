@@ -124,16 +124,19 @@ class _CounterNames:
     """Counter names with a variable part (a role, a status, a method), each formatted once
     rather than per message; bounded, since a peer chooses methods and statuses."""
 
-    __slots__ = ("_made", "_template")
+    __slots__ = ("_lower", "_made", "_template")
 
-    def __init__(self, template: str) -> None:
+    def __init__(self, template: str, *, lower: bool = False) -> None:
         self._template = template
+        self._lower = lower  # names in lower case (a method: in_dialog_bye)
         self._made: dict[str | int, str] = {}
 
     def name(self, value: str | int) -> str:
         made = self._made.get(value)
         if made is None:
-            made = self._template.format(value)
+            made = self._template.format(
+                value.lower() if self._lower and isinstance(value, str) else value
+            )
             if len(self._made) < _NAMES_LIMIT:
                 self._made[value] = made
         return made
@@ -179,7 +182,7 @@ class ProxyCore:
         self.latency = LatencyHistogram()
         self.limiter = RateLimiter(config.invite_rate_per_source)
         self._invite_names = _CounterNames("invite_{}")
-        self._in_dialog_names = _CounterNames("in_dialog_{}")
+        self._in_dialog_names = _CounterNames("in_dialog_{}", lower=True)
         self._clearip_names = _CounterNames("clearip_response_{}")
         self._call_names: dict[tuple[Role, str], _CounterNames] = {}
 
