@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import signal
 import time
 from collections import Counter
@@ -33,6 +34,7 @@ from clearip.relay.sdnotify import Notifier, watchdog, watchdog_interval
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.parser import Limits
+from clearip.relay.timerwheel import TimerWheel
 from clearip.relay.trace import Subscriber
 from clearip.relay.trace import record as trace_record
 from clearip.relay.transport.endpoint import SipEndpoint
@@ -81,7 +83,10 @@ class Daemon:
         self.counters: Counter[str] = Counter()
         self.started = time.time()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._timers: dict[tuple[Any, ...], asyncio.TimerHandle] = {}
+        # The core's timers (calls, transactions), woken by one loop handle: the next tick.
+        self._timers: TimerWheel[tuple[Any, ...]] = TimerWheel()
+        self._tick: asyncio.TimerHandle | None = None
+        self._tick_at = math.inf
         self._stopping = asyncio.Event()
         # Called with each call's summary (the demo and tests listen here).
         self.call_listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -187,21 +192,40 @@ class Daemon:
             if isinstance(effect, Send):
                 self.endpoint.send(effect.message, effect.peer)
             elif isinstance(effect, StartTimer):
-                old = self._timers.pop(effect.key, None)
-                if old is not None:
-                    old.cancel()
-                self._timers[effect.key] = loop.call_later(effect.delay, self._fire, effect.key)
+                due = self._timers.start(effect.key, loop.time() + effect.delay)
+                if due < self._tick_at:
+                    self._wake_at(due)
             elif isinstance(effect, CancelTimer):
-                handle = self._timers.pop(effect.key, None)
-                if handle is not None:
-                    handle.cancel()
+                self._timers.cancel(effect.key)  # its tick, if it was the next, finds nothing
             elif isinstance(effect, CallFinished):
                 if self.call_listeners or calls_log.isEnabledFor(logging.INFO):
                     self._log_call(effect.summary())
 
-    def _fire(self, key: tuple[Any, ...]) -> None:
-        self._timers.pop(key, None)
-        self._apply(self.core.on_timer(key))
+    def _wake_at(self, when: float | None) -> None:
+        """Have the loop call :meth:`_on_tick` once ``when`` has passed (None: no timer runs).
+        The loop's clock counts milliseconds, so the wake-up is a millisecond later: a timer
+        is never handed out early, and a wake-up never finds its tick not yet due."""
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        self._tick_at = math.inf
+        if when is not None and self.loop is not None:
+            self._tick_at = when
+            self._tick = self.loop.call_at(when + 0.001, self._on_tick)
+
+    def _on_tick(self) -> None:
+        """Fire every timer due, one at a time (one may cancel or restart another), then wake
+        for the earliest left: timers started meanwhile do not schedule (``_tick_at``)."""
+        assert self.loop is not None
+        self._tick, self._tick_at = None, -math.inf
+        now = self.loop.time()
+        timers = self._timers
+        try:
+            while (key := timers.pop_due(now)) is not None:
+                self._apply(self.core.on_timer(key))
+        finally:
+            self._tick_at = math.inf
+            self._wake_at(timers.next_tick())
 
     def _log_call(self, summary: dict[str, Any]) -> None:
         for listener in self.call_listeners:
@@ -519,9 +543,8 @@ class Daemon:
         kernel = self.policy.kernel
         if kernel is not None and hasattr(kernel, "close"):
             kernel.close()  # the filter stays attached: the host stays protected
-        for handle in self._timers.values():
-            handle.cancel()
         self._timers.clear()
+        self._wake_at(None)
         for link in set(self.links.values()):
             await link.close()
         await self.endpoint.close()

@@ -47,7 +47,7 @@ from clearip.relay.reload import plan_reload
 from clearip.relay.supervisor import bpffs_problem, exit_status
 from clearip.relay.transport.peer import ListenerSpec
 from clearip.relay.worker_role import WorkerRole
-from tests.netns import unique_tag
+from tests.netns import loopback_namespace, ns_exec, unique_tag
 from tests.proxy_harness import SWITCH_IP, proxy_process, stop_process, wait_for, write_config
 from tests.reliability import any_final_uac, outcomes
 from tests.sipp import (
@@ -260,6 +260,7 @@ class Relay:
     port: int
     workers: int
     pins: str
+    ns: str | None = None  # the network namespace it runs in (None: this one)
 
     def ask(self, cmd: str, **fields: Any) -> Any:
         reply = Client(str(self.dir / "control.sock")).call(cmd, **fields)
@@ -292,7 +293,14 @@ class Relay:
         found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", self.log.read_text())
         assert found, "no metrics endpoint in the log"
         url = f"http://127.0.0.1:{found.group(1)}/metrics"
-        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        if self.ns is None:
+            text = urllib.request.urlopen(url, timeout=10).read().decode()
+        else:  # its loopback is the namespace's: fetched from in there
+            fetch = "import sys, urllib.request as u; print(u.urlopen(sys.argv[1]).read().decode())"
+            text = subprocess.run(
+                [*ns_exec(self.ns), sys.executable, "-c", fetch, url],
+                capture_output=True, text=True, check=True, timeout=30,
+            ).stdout  # fmt: skip
         return {
             (s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text)
@@ -302,10 +310,10 @@ class Relay:
 
 @contextlib.contextmanager
 def supervised(
-    directory: Path, workers: int, upstream: str, *, pins: str | None = None
+    directory: Path, workers: int, upstream: str, *, pins: str | None = None, ns: str | None = None
 ) -> Iterator[Relay]:
     """``clearip-proxy run`` with ``workers`` processes and steering pinned in a directory
-    of the test's own (removed afterwards)."""
+    of the test's own (removed afterwards); ``ns``: inside that network namespace."""
     from clearip.bpf.reuseport import remove_pins
 
     pin_dir = pins or f"/sys/fs/bpf/cip-test-{unique_tag()}-workers"
@@ -319,8 +327,8 @@ def supervised(
     )
     log = directory / "proxy.log"
     try:
-        with proxy_process(config, log) as process:
-            yield Relay(process, directory, log, config, port, workers, pin_dir)
+        with proxy_process(config, log, prefix=ns_exec(ns) if ns else ()) as process:
+            yield Relay(process, directory, log, config, port, workers, pin_dir, ns)
     finally:
         if pins is None:
             remove_pins(pin_dir)
@@ -346,32 +354,43 @@ def _assert_no_strays(relay: Relay) -> None:
             assert counters.get(name, 0) == 0, (index, name, counters)
 
 
-def _clearip_udp(directory: Path, scenario: str, calls: int, name: str = "clearip") -> Any:
+def _clearip_udp(
+    directory: Path, scenario: str, calls: int, name: str = "clearip", ns: str | None = None
+) -> Any:
     port = free_port()
     uas = sipp_uas(
         directory, name, scenario, local=("127.0.0.1", port), calls=calls, timeout=180,
         extra=["-aa"],  # answers the workers' OPTIONS liveness probes
+        prefix=ns_exec(ns) if ns else None,
     )  # fmt: skip
     return port, uas
 
 
+@pytest.fixture
+def lo_ns() -> Iterator[str]:
+    """A network namespace of the test's own with only its loopback: the relay, its
+    workers and every SIPp peer run in there, away from the host's traffic and ports."""
+    with loopback_namespace() as loopback:
+        yield loopback.ns
+
+
 @pytest.mark.parametrize("transport", ["u1", "t1"])
 @pytest.mark.parametrize("workers", [2, 4])
-@_marked(*E2E)
+@_marked(*E2E, pytest.mark.netns)
 def test_one_switch_address_spreads_its_calls_over_every_worker(
-    tmp_path: Path, workers: int, transport: str
+    tmp_path: Path, workers: int, transport: str, lo_ns: str
 ) -> None:
     """2,000 calls from ONE SIPp switch (one address and port; over TCP one connection):
     every call completes, each worker handles the calls its Call-IDs give it (within 15% of
     the mean), and no message of a call reaches another worker (no strays)."""
     calls = 2000
-    clearip_port, clearip = _clearip_udp(tmp_path, clearip_scenario(503), calls)
+    clearip_port, clearip = _clearip_udp(tmp_path, clearip_scenario(503), calls, ns=lo_ns)
     upstream = f"sip:127.0.0.1:{clearip_port};transport=udp"
-    with clearip, supervised(tmp_path, workers, upstream) as relay:
+    with clearip, supervised(tmp_path, workers, upstream, ns=lo_ns) as relay:
         switch = start_sipp(
             tmp_path, "switch", uac_scenario(503), local=(SWITCH_IP, free_port()),
             remote=("127.0.0.1", relay.port), service=DIALLED, calls=calls, transport=transport,
-            extra=["-r", "200"], timeout=150,
+            extra=["-r", "200"], timeout=150, prefix=ns_exec(lo_ns),
         )  # fmt: skip
         code = switch.wait(180)
         seen = outcomes(switch)
@@ -465,8 +484,10 @@ def _switch_retransmitting() -> str:
 
 
 @pytest.mark.parametrize("workers", [2])
-@_marked(*E2E)
-def test_cancel_and_retransmissions_reach_the_calls_owner(tmp_path: Path, workers: int) -> None:
+@_marked(*E2E, pytest.mark.netns)
+def test_cancel_and_retransmissions_reach_the_calls_owner(
+    tmp_path: Path, workers: int, lo_ns: str
+) -> None:
     """A CANCEL from the switch, ClearIP's 200 and 487, and a retransmitted INVITE all reach
     the worker that owns the call: every CANCEL gets 200 (none 481), each worker cancels and
     absorbs the retransmissions of its own calls, nothing is stray."""
@@ -484,13 +505,15 @@ def test_cancel_and_retransmissions_reach_the_calls_owner(tmp_path: Path, worker
             calls=calls,
             timeout=120,
             extra=["-aa"],
+            prefix=ns_exec(lo_ns),
         )
     )
-    with first, supervised(tmp_path, workers, upstream) as relay:
+    with first, supervised(tmp_path, workers, upstream, ns=lo_ns) as relay:
         switch = start_sipp(
             tmp_path, "switch-cancel", uac_cancel_scenario(wait_for_ringing=False),
             local=(SWITCH_IP, free_port()), remote=("127.0.0.1", relay.port),
             service=DIALLED, calls=calls, extra=["-r", "50"], timeout=100,
+            prefix=ns_exec(lo_ns),
         )  # fmt: skip
         assert switch.wait(120) == 0, switch.messages[-3000:]
         cancelled = outcomes(switch)
@@ -509,12 +532,13 @@ def test_cancel_and_retransmissions_reach_the_calls_owner(tmp_path: Path, worker
         retrans_before = relay.per_worker("invite_retransmission")
         with sipp_uas(
             tmp_path, "clearip-slow", _clearip_slow_503(400), local=("127.0.0.1", clearip_port),
-            calls=calls, timeout=120, extra=["-aa"],
+            calls=calls, timeout=120, extra=["-aa"], prefix=ns_exec(lo_ns),
         ):  # fmt: skip
             switch = start_sipp(
                 tmp_path, "switch-retransmit", _switch_retransmitting(),
                 local=(SWITCH_IP, free_port()), remote=("127.0.0.1", relay.port),
                 service=DIALLED, calls=calls, extra=["-r", "50", "-nr"], timeout=100,
+                prefix=ns_exec(lo_ns),
             )  # fmt: skip
             assert switch.wait(120) == 0, switch.messages[-3000:]
         retransmitted = outcomes(switch)
@@ -528,8 +552,8 @@ def test_cancel_and_retransmissions_reach_the_calls_owner(tmp_path: Path, worker
         assert relay.wait_idle(60) == (0, 0)
 
 
-@_marked(*E2E)
-def test_a_killed_worker_is_back_and_the_others_calls_go_on(tmp_path: Path) -> None:
+@_marked(*E2E, pytest.mark.netns)
+def test_a_killed_worker_is_back_and_the_others_calls_go_on(tmp_path: Path, lo_ns: str) -> None:
     """SIGKILL of worker 1 while a switch places 50 calls/s. Expected: every call owned by
     worker 0 completes; worker 1 is back (new pid, up) within 2 s; every INVITE ends with a
     final. The few calls worker 1 had between its 100 Trying and ClearIP's answer get no
@@ -539,13 +563,14 @@ def test_a_killed_worker_is_back_and_the_others_calls_go_on(tmp_path: Path) -> N
     complete."""
     rate, seconds, workers = 50, 12, 2
     calls = rate * seconds
-    clearip_port, clearip = _clearip_udp(tmp_path, clearip_scenario(503), calls)
+    clearip_port, clearip = _clearip_udp(tmp_path, clearip_scenario(503), calls, ns=lo_ns)
     upstream = f"sip:127.0.0.1:{clearip_port};transport=udp"
-    with clearip, supervised(tmp_path, workers, upstream) as relay:
+    with clearip, supervised(tmp_path, workers, upstream, ns=lo_ns) as relay:
         switch = start_sipp(
             tmp_path, "switch", any_final_uac(), local=(SWITCH_IP, free_port()),
             remote=("127.0.0.1", relay.port), service=DIALLED, calls=calls,
             extra=["-r", str(rate), "-recv_timeout", "8000"], timeout=120,
+            prefix=ns_exec(lo_ns),
         )  # fmt: skip
         time.sleep(seconds / 3)
         victim = relay.pids()[1]
