@@ -351,3 +351,18 @@ def test_payload_uses_only_its_tree_the_os_python_and_the_os_bcc(
         assert info["mods"]["bcc"] and not info["mods"]["bcc"].startswith(str(prefix))
     elif IN_CI:
         pytest.fail("CI=true but the OS's bcc module is missing: run scripts/bootstrap.sh --dev")
+
+
+def test_payload_runs_the_compiled_core(built: Built, tmp_path: Path) -> None:
+    """The package carries the SIP core compiled by mypyc at build time, and uses it."""
+    need(TARGET_PYTHON)
+    prefix = built.payload / "opt/clearip-proxy"
+    probe = "import clearip.relay as r; from clearip.relay.sip import parser; "
+    probe += "print(r.core_build(), parser.__file__)"
+    result = run(
+        prefix / "bin/python3", "-I", "-B", "-c", probe, env=payload_env(built), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    build, parser_file = result.stdout.split()
+    assert build == "compiled", result.stdout + result.stderr
+    assert parser_file.startswith(str(prefix)) and parser_file.endswith(".so"), parser_file
