@@ -129,6 +129,13 @@ COUNTERS: tuple[CounterSpec, ...] = (
     _c("method_not_allowed", "methods_not_allowed", "Requests answered 405"),
     _c("stray_response", "stray_responses", "Responses matching no transaction"),
     _c("stray_ack", "stray_acks", "ACKs matching no transaction or dialog"),
+    _c(
+        "orphan_response_",
+        "orphan_responses",
+        "Answers to INVITEs whose call was lost in a worker restart, by what the switch got "
+        "(absorbed, forwarded, fail_open)",
+        "outcome",
+    ),
     # -- in-dialog ------------------------------------------------------------------------------
     _c("in_dialog_", "in_dialog_requests", "In-dialog requests routed, by method", "method"),
     # -- transport ------------------------------------------------------------------------------

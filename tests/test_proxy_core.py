@@ -34,6 +34,11 @@ class World:
 
 @pytest.fixture
 def world() -> Iterator[World]:
+    yield make_world()
+
+
+def make_world() -> World:
+    """A core as a worker process starts with: no calls."""
     w: World
 
     def upstream(role: Role) -> Peer | None:
@@ -51,7 +56,7 @@ def world() -> Iterator[World]:
         clock=lambda: w.now[0],
     )
     w = World(core)
-    yield w
+    return w
 
 
 def invite(
@@ -357,3 +362,73 @@ def test_request_missing_from_to_and_call_id_still_gets_its_400(world: World) ->
     reply = next(m for m, _ in sent(world.send(request)))
     assert isinstance(reply, Response)
     assert (reply.status, reply.reason) == (400, "Missing From, To, Call-Id")
+
+
+# -- answers for calls a restarted worker no longer has ------------------------------------------
+
+
+def _relayed_invite(world: World) -> Request:
+    relayed = next(m for m, p in sent(world.send(invite())) if p == CLEARIP)
+    assert isinstance(relayed, Request)
+    return relayed
+
+
+def test_a_redirect_for_a_lost_call_gives_the_switch_a_fail_open_503_and_is_acked(
+    world: World,
+) -> None:
+    relayed = _relayed_invite(world)
+    restarted = make_world()  # the call's worker died; its successor has no state
+    contact = "Contact: <sip:b@198.51.100.21:5060>\r\n"
+    effects = restarted.send(reply_to(relayed, 302, extra=contact), CLEARIP)
+    out = sent(effects)
+    (ack, ack_peer), (answer, answer_peer) = out
+    assert isinstance(ack, Request) and ack.method == "ACK" and ack_peer == CLEARIP
+    assert ack.get_all("via") == relayed.get_all("via")[:1]  # matches ClearIP's transaction
+    assert ack.to_tag == "up" and ack.cseq == (1, "ACK")
+    assert isinstance(answer, Response) and answer.status == 503 and answer_peer == SWITCH
+    assert answer.get_all("via") == invite().get_all("via")  # the switch's own Via set
+    assert "fail-open" in (answer.get("reason") or "")
+    assert restarted.core.counters["orphan_response_fail_open"] == 1
+    assert restarted.core.active_calls == restarted.core.active_transactions == 0
+
+
+def test_other_answers_for_a_lost_call_reach_the_switch(world: World) -> None:
+    relayed = _relayed_invite(world)
+    restarted = make_world()
+    assert sent(restarted.send(reply_to(relayed, 100), CLEARIP)) == []
+    busy = sent(restarted.send(reply_to(relayed, 486), CLEARIP))
+    assert [(type(m).__name__, p) for m, p in busy] == [("Request", CLEARIP), ("Response", SWITCH)]
+    forwarded = busy[1][0]
+    assert isinstance(forwarded, Response) and forwarded.status == 486
+    assert forwarded.get_all("via") == invite().get_all("via")
+    ok = sent(restarted.send(reply_to(relayed, 200), CLEARIP))
+    assert len(ok) == 1 and ok[0][1] == SWITCH  # a 2xx is ACKed end to end, by the switch
+    counters = restarted.core.counters
+    assert (counters["orphan_response_absorbed"], counters["orphan_response_forwarded"]) == (1, 2)
+    assert counters["stray_response"] == 0
+
+
+def test_a_response_to_someone_elses_branch_is_still_stray(world: World) -> None:
+    relayed = _relayed_invite(world)
+    foreign = reply_to(relayed, 302)
+    foreign.set("Via", "SIP/2.0/UDP 198.51.100.99:5060;branch=z9hG4bKcipother")
+    restarted = make_world()
+    assert sent(restarted.send(foreign, CLEARIP)) == []
+    assert restarted.core.counters["stray_response"] == 1
+
+
+def test_a_lost_calls_answer_goes_only_to_a_trusted_element() -> None:
+    """Without the call, the Via below ours is all there is: a forged one naming an address
+    off the trust list gets nothing from us (no reflection)."""
+    restarted = make_world()
+    forged = parse_message(
+        b"SIP/2.0 486 Busy\r\n"
+        b"Via: SIP/2.0/UDP 203.0.113.5:5060;branch=z9hG4bKcip1.2\r\n"
+        b"Via: SIP/2.0/UDP 198.18.0.1:5060;branch=z9hG4bKvictim\r\n"
+        b"From: <sip:a@x>;tag=1\r\nTo: <sip:b@x>;tag=2\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
+    assert isinstance(forged, Response)
+    restarted.core.role_of = lambda ip: None if ip == "198.18.0.1" else Role.PROVIDER
+    assert sent(restarted.send(forged, CLEARIP)) == []
+    assert restarted.core.counters["stray_response"] == 1

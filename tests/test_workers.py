@@ -555,15 +555,15 @@ def test_cancel_and_retransmissions_reach_the_calls_owner(
 @_marked(*E2E, pytest.mark.netns)
 def test_a_killed_worker_is_back_and_the_others_calls_go_on(tmp_path: Path, lo_ns: str) -> None:
     """SIGKILL of worker 1 while a switch places 50 calls/s. Expected: every call owned by
-    worker 0 completes; worker 1 is back (new pid, up) within 2 s; every INVITE ends with a
-    final. The few calls worker 1 had between its 100 Trying and ClearIP's answer get no
-    final from the relay (their state died with it and the switch stopped retransmitting at
-    the 100): the switch's own timeout ends them (SIPp -recv_timeout, as a switch's Timer C
-    would). Calls placed while it is away go to worker 0 (the kernel's fallback) and
-    complete."""
+    worker 0 completes; worker 1 is back (new pid, up) within 2 s; every INVITE gets a final
+    from the relay. The calls worker 1 had between its 100 Trying and ClearIP's answer died
+    with it, but ClearIP's answer (or its retransmission) still comes, to worker 0 while
+    worker 1 is away or to the new worker 1: it goes on to the switch (proxy/orphans.py).
+    Calls placed while it is away go to worker 0 (the kernel's fallback) and complete."""
     rate, seconds, workers = 50, 12, 2
     calls = rate * seconds
-    clearip_port, clearip = _clearip_udp(tmp_path, clearip_scenario(503), calls, ns=lo_ns)
+    # ClearIP answers after 300 ms: some 15 calls are waiting for it in each worker at the kill.
+    clearip_port, clearip = _clearip_udp(tmp_path, _clearip_slow_503(300), calls, ns=lo_ns)
     upstream = f"sip:127.0.0.1:{clearip_port};transport=udp"
     with clearip, supervised(tmp_path, workers, upstream, ns=lo_ns) as relay:
         switch = start_sipp(
@@ -589,14 +589,10 @@ def test_a_killed_worker_is_back_and_the_others_calls_go_on(tmp_path: Path, lo_n
         switch.wait(150)
         seen = outcomes(switch)
         assert len(seen.invites) == calls
-        unanswered = seen.unanswered
-        assert {c for c in unanswered if worker_for(c, workers) != 1} == set(), (
-            "a call of the surviving worker got no final"
-        )
-        assert all(seen.sent_at[c] <= killed_at + 0.5 for c in unanswered), (
-            "only calls in flight at the kill may lack a final"
-        )
-        assert len(unanswered) <= rate, unanswered
+        assert not seen.unanswered, (seen.unanswered, killed_at)  # every INVITE: a final
+        # ... the calls worker 1 lost among them, by ClearIP's answers coming to a worker
+        # that does not have their state.
+        assert sum(relay.per_worker("orphan_response_forwarded")) >= 1
         log = relay.log.read_text()
         assert f"worker 1 (pid {victim}) killed by SIGKILL: restarting it" in log
         status = relay.ask("status")

@@ -43,6 +43,7 @@ from clearip.relay.proxy.call import (
     best_response,
 )
 from clearip.relay.proxy.effects import CallFinished, CancelTimer, Effect, Send, StartTimer
+from clearip.relay.proxy.orphans import orphan_answer
 from clearip.relay.proxy.ratelimit import RateLimiter
 from clearip.relay.proxy.redirect import Target, read_redirect
 from clearip.relay.proxy.replies import make_reply
@@ -59,6 +60,7 @@ from clearip.relay.proxy.routing import (
     stamp_received,
     stateful_branch,
     stateless_branch,
+    via_return_peer,
     via_value,
 )
 from clearip.relay.sip.errors import SipParseError
@@ -562,8 +564,47 @@ class ProxyCore:
         forwarded = response_next_hop(response, self.locality)
         if forwarded is not None:
             return [Send(forwarded[0], forwarded[1])]
+        if self._is_our_invite_branch(response):
+            return self._orphan_response(response, peer)
         self.counters["stray_response"] += 1
         return []
+
+    def _is_our_invite_branch(self, response: Response) -> bool:
+        """A response to an INVITE we relayed statefully (our branch, our address)."""
+        try:
+            top = response.top_via
+            method = response.cseq[1]
+        except SipParseError:
+            return False
+        branch = top.branch or ""
+        return (
+            method == "INVITE"
+            and branch.startswith(STATEFUL_PREFIX)
+            and self.locality.via_host_is_us(top)
+        )
+
+    def _orphan_response(self, response: Response, peer: Peer) -> list[Effect]:
+        """An answer to an INVITE whose call this process does not have (its worker was
+        restarted, say): the switch still gets a final (:mod:`orphans`)."""
+        outcome, onward, ack = orphan_answer(response)
+        dest: Peer | None = None
+        if onward is not None:
+            try:
+                dest = via_return_peer(onward.top_via)
+            except SipParseError:
+                dest = None
+            if dest is None or self.role_of(dest.host) is None:
+                # Without the call we cannot vouch for the Via below ours: only an element on
+                # the trust list (the switch that sent the INVITE) is answered this way.
+                self.counters["stray_response"] += 1
+                return []
+        self.counters[f"orphan_response_{outcome}"] += 1
+        effects: list[Effect] = []
+        if ack is not None:
+            effects.append(Send(ack, peer))
+        if onward is not None and dest is not None:
+            effects.append(Send(onward, dest))
+        return effects
 
     def _call_response(
         self, key: TransactionKey, call: ProxyCall, response: Response

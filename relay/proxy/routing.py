@@ -205,11 +205,18 @@ def response_next_hop(response: Response, locality: Locality) -> tuple[Response,
         nxt = response.top_via
     except SipParseError:
         return None
-    host, port = nxt.response_address()
-    transport = nxt.transport.lower()
-    if cid and cid.isdigit():
-        return response, Peer(transport, host, port, int(cid))
-    return response, _peer(transport, host, port)
+    conn = int(cid) if cid and cid.isdigit() else None
+    return response, via_return_peer(nxt, conn)
+
+
+def via_return_peer(via: Via, conn: int | None = None) -> Peer:
+    """Where a response goes back to, for the Via now at its top (§18.2.2: received, rport,
+    the sent-by port); ``conn``: the connection the request came in on, when we know it."""
+    host, port = via.response_address()
+    transport = via.transport.lower()
+    if conn is not None:
+        return Peer(transport, host, port, conn)
+    return _peer(transport, host, port)
 
 
 def pop_own_routes(request: Request, locality: Locality) -> None:
