@@ -29,6 +29,7 @@ from typing import Final
 from clearip.relay.sip.address import parse_address
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.message import Request, Response, select_headers
+from clearip.relay.sip.transaction.ack import in_transaction
 
 #: What :func:`orphan_answer` did, the suffix of the ``orphan_response_*`` counters.
 ABSORBED: Final = "absorbed"
@@ -75,12 +76,14 @@ def _ack(response: Response) -> Request | None:
         number = response.cseq[0]
     except SipParseError:
         return None
-    ack = Request("ACK", uri)
-    ack.append("Via", response.get_all("via")[0])  # ours: the INVITE's only Via towards it
-    ack.append("Max-Forwards", "70")
-    ack.append("From", response.get("from") or "")
-    ack.append("To", to)
-    ack.append("Call-ID", response.call_id)
-    ack.append("CSeq", f"{number} ACK")
-    ack.append("Content-Length", "0")
-    return ack
+    # Our Via was the INVITE's only one towards the sender: the ACK's, as §17.1.1.3 says.
+    return in_transaction(
+        "ACK",
+        uri,
+        via=response.get_all("via")[0],
+        routes=[],
+        from_=response.get("from") or "",
+        to=to,
+        call_id=response.call_id,
+        number=number,
+    )

@@ -7,18 +7,44 @@ from __future__ import annotations
 from clearip.relay.sip.message import Request, Response
 
 
-def _same_transaction(invite: Request, method: str, to: str) -> Request:
-    request = Request(method, invite.uri_text)
-    request.append("Via", invite.get_all("via")[0])
-    for route in invite.get_all("route"):
+def in_transaction(
+    method: str,
+    uri: str,
+    *,
+    via: str,
+    routes: list[str],
+    from_: str,
+    to: str,
+    call_id: str,
+    number: int,
+) -> Request:
+    """An ACK or CANCEL from its parts: one Via (the INVITE's top one), Max-Forwards 70, no
+    body. :func:`ack_for` and :func:`cancel_for` take the parts from the INVITE; a proxy that
+    lost the INVITE takes them from the response (``proxy/orphans.py``)."""
+    request = Request(method, uri)
+    request.append("Via", via)
+    for route in routes:
         request.append("Route", route)
     request.append("Max-Forwards", "70")
-    request.append("From", invite.get("from") or "")
+    request.append("From", from_)
     request.append("To", to)
-    request.append("Call-ID", invite.call_id)
-    request.append("CSeq", f"{invite.cseq[0]} {method}")
+    request.append("Call-ID", call_id)
+    request.append("CSeq", f"{number} {method}")
     request.append("Content-Length", "0")
     return request
+
+
+def _same_transaction(invite: Request, method: str, to: str) -> Request:
+    return in_transaction(
+        method,
+        invite.uri_text,
+        via=invite.get_all("via")[0],
+        routes=invite.get_all("route"),
+        from_=invite.get("from") or "",
+        to=to,
+        call_id=invite.call_id,
+        number=invite.cseq[0],
+    )
 
 
 def ack_for(request: Request, response: Response) -> Request:
