@@ -1,7 +1,8 @@
 """The asyncio SIP relay: a sans-IO SIP core with thin asyncio transports around it.
 
-The core (every module of ``sip/`` and ``proxy/``) is compiled into C extensions by mypyc when
-the package is installed (see ``setup.py``); the ``.py`` files stay beside them as the
+The core (every module of ``sip/`` and ``proxy/``, plus the few modules of the shell that every
+message goes through: ``coresources.COMPILED_MODULES``) is compiled into C extensions by mypyc
+when the package is installed (see ``setup.py``); the ``.py`` files stay beside them as the
 fallback. Python imports an extension before a ``.py`` of the same name, so the compiled core
 is used when it was built. The pure-Python core is used instead when:
 
@@ -25,10 +26,19 @@ from importlib.machinery import ModuleSpec
 from importlib.util import spec_from_file_location
 from types import ModuleType
 
-from clearip.relay.coresources import COMPILED_PACKAGES, DIGEST_FILE, core_digest, core_sources
+from clearip.relay.coresources import (
+    COMPILED_MODULES,
+    COMPILED_PACKAGES,
+    DIGEST_FILE,
+    core_digest,
+    core_sources,
+)
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _PREFIXES = tuple(f"{__name__}.{package}." for package in COMPILED_PACKAGES)
+_MODULES = frozenset(
+    f"{__name__}." + module.removesuffix(".py").replace(os.sep, ".") for module in COMPILED_MODULES
+)
 
 
 class PurePythonFinder(MetaPathFinder):
@@ -37,7 +47,7 @@ class PurePythonFinder(MetaPathFinder):
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
-        if path is None or not fullname.startswith(_PREFIXES):
+        if path is None or not (fullname.startswith(_PREFIXES) or fullname in _MODULES):
             return None
         name = fullname.rpartition(".")[2]
         for entry in path:

@@ -13,6 +13,10 @@ import os
 #: The packages whose modules are compiled.
 COMPILED_PACKAGES = ("sip", "proxy")
 
+#: Modules of the asyncio shell on every message's path, compiled too: the UDP socket reader,
+#: the effect interpreter and its timer wheel.
+COMPILED_MODULES = ("timerwheel.py", "dispatch.py", os.path.join("transport", "udp.py"))
+
 #: Beside the library built in place: :func:`core_digest` of the sources it was made from.
 DIGEST_FILE = "_core_sources.sha256"
 
@@ -25,6 +29,7 @@ def core_sources(root: str) -> list[str]:
             found += [
                 os.path.join(folder, f) for f in files if f.endswith(".py") and f != "__init__.py"
             ]
+    found += [os.path.join(root, module) for module in COMPILED_MODULES]
     return sorted(found)
 
 

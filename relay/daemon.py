@@ -11,7 +11,6 @@ import contextlib
 import errno
 import json
 import logging
-import math
 import signal
 import time
 from collections import Counter
@@ -21,23 +20,22 @@ from typing import Any
 
 from clearip.relay.config import ConfigError, ProxyConfig, load_config
 from clearip.relay.control import ControlServer
+from clearip.relay.dispatch import Dispatcher
 from clearip.relay.emergency import EmergencyNumbers
 from clearip.relay.gcpolicy import run_policy, start_policy
 from clearip.relay.hep_export import HepExporter
 from clearip.relay.metrics import MetricsServer, registry_for
 from clearip.relay.policy import PolicyError, SourcePolicy
 from clearip.relay.proxy.core import ProxyCore
-from clearip.relay.proxy.effects import CallFinished, CancelTimer, Effect, Send, StartTimer
+from clearip.relay.proxy.effects import CallFinished
 from clearip.relay.proxy.routing import Locality
 from clearip.relay.reload import Change, plan_reload
 from clearip.relay.sdnotify import Notifier, watchdog, watchdog_interval
-from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.parser import Limits
-from clearip.relay.timerwheel import TimerWheel
 from clearip.relay.trace import Subscriber
 from clearip.relay.trace import record as trace_record
-from clearip.relay.transport.endpoint import SipEndpoint
+from clearip.relay.transport.endpoint import SipEndpoint, is_ip
 from clearip.relay.transport.peer import LocalAddress, Peer
 from clearip.relay.transport.tls import ClientTls
 from clearip.relay.trust import Role, TrustEntry, TrustError, TrustList, parse_cidr, parse_role
@@ -83,10 +81,6 @@ class Daemon:
         self.counters: Counter[str] = Counter()
         self.started = time.time()
         self.loop: asyncio.AbstractEventLoop | None = None
-        # The core's timers (calls, transactions), woken by one loop handle: the next tick.
-        self._timers: TimerWheel[tuple[Any, ...]] = TimerWheel()
-        self._tick: asyncio.TimerHandle | None = None
-        self._tick_at = math.inf
         self._stopping = asyncio.Event()
         # Called with each call's summary (the demo and tests listen here).
         self.call_listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -99,7 +93,7 @@ class Daemon:
         # The worker's place among its siblings: SO_REUSEPORT, steering, stream hand-off.
         placement: dict[str, Any] = {"worker": role} if role is not None else {}
         self.endpoint = SipEndpoint(
-            self._on_message,
+            self._on_message,  # until the dispatcher below exists
             counters=self.counters,
             is_trusted=self._is_trusted,
             on_send_error=self._on_send_error,
@@ -141,6 +135,16 @@ class Daemon:
             counters=self.counters,
             queue_delay=lambda: self.endpoint.queue_delay,
         )
+        # The one interpreter of the core's effects, with the core's timers (compiled).
+        self.dispatch = Dispatcher(
+            self.core,
+            self.endpoint,
+            is_ip=is_ip,
+            probe_prefix=PROBE_PREFIX,
+            on_probe=self._probe_answered,
+            on_call=self._call_finished,
+        )
+        self.endpoint.handler = self.dispatch.on_message
 
     # -- wiring --------------------------------------------------------------------------------
     def _is_trusted(self, host: str) -> bool:
@@ -161,10 +165,7 @@ class Daemon:
         return peer
 
     def _on_message(self, message: Request | Response, peer: Peer) -> None:
-        if isinstance(message, Response) and _answers_probe(message):
-            self._probe_answered(message, peer)
-            return
-        self._apply(self.core.on_message(message, peer))
+        self.dispatch.on_message(message, peer)
 
     def _probe_answered(self, response: Response, peer: Peer) -> None:
         """A response to a UDP link's OPTIONS probe: the link's business, not the core's."""
@@ -172,7 +173,7 @@ class Daemon:
             self.counters["stray_response"] += 1
 
     def _on_send_error(self, message: Message, peer: Peer, reason: str) -> None:
-        self._apply(self.core.on_send_error(message, peer, reason))
+        self.dispatch.apply(self.core.on_send_error(message, peer, reason))
 
     def _on_connection_lost(self, peer: Peer) -> None:
         for link in set(self.links.values()):
@@ -183,49 +184,11 @@ class Daemon:
         if self.links[Role.SWITCH] is self.links[Role.PROVIDER]:
             other = Role.PROVIDER if role is Role.SWITCH else Role.SWITCH
             effects += self.core.on_upstream_down(other)
-        self._apply(effects)
+        self.dispatch.apply(effects)
 
-    def _apply(self, effects: list[Effect]) -> None:
-        loop = self.loop
-        assert loop is not None
-        for effect in effects:
-            if isinstance(effect, Send):
-                self.endpoint.send(effect.message, effect.peer)
-            elif isinstance(effect, StartTimer):
-                due = self._timers.start(effect.key, loop.time() + effect.delay)
-                if due < self._tick_at:
-                    self._wake_at(due)
-            elif isinstance(effect, CancelTimer):
-                self._timers.cancel(effect.key)  # its tick, if it was the next, finds nothing
-            elif isinstance(effect, CallFinished):
-                if self.call_listeners or calls_log.isEnabledFor(logging.INFO):
-                    self._log_call(effect.summary())
-
-    def _wake_at(self, when: float | None) -> None:
-        """Have the loop call :meth:`_on_tick` once ``when`` has passed (None: no timer runs).
-        The loop's clock counts milliseconds, so the wake-up is a millisecond later: a timer
-        is never handed out early, and a wake-up never finds its tick not yet due."""
-        if self._tick is not None:
-            self._tick.cancel()
-            self._tick = None
-        self._tick_at = math.inf
-        if when is not None and self.loop is not None:
-            self._tick_at = when
-            self._tick = self.loop.call_at(when + 0.001, self._on_tick)
-
-    def _on_tick(self) -> None:
-        """Fire every timer due, one at a time (one may cancel or restart another), then wake
-        for the earliest left: timers started meanwhile do not schedule (``_tick_at``)."""
-        assert self.loop is not None
-        self._tick, self._tick_at = None, -math.inf
-        now = self.loop.time()
-        timers = self._timers
-        try:
-            while (key := timers.pop_due(now)) is not None:
-                self._apply(self.core.on_timer(key))
-        finally:
-            self._tick_at = math.inf
-            self._wake_at(timers.next_tick())
+    def _call_finished(self, effect: CallFinished) -> None:
+        if self.call_listeners or calls_log.isEnabledFor(logging.INFO):
+            self._log_call(effect.summary())
 
     def _log_call(self, summary: dict[str, Any]) -> None:
         for listener in self.call_listeners:
@@ -253,6 +216,7 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.dispatch.attach(self.loop)
         self._start_hep()
         for spec in self.config.listeners:
             try:
@@ -543,22 +507,12 @@ class Daemon:
         kernel = self.policy.kernel
         if kernel is not None and hasattr(kernel, "close"):
             kernel.close()  # the filter stays attached: the host stays protected
-        self._timers.clear()
-        self._wake_at(None)
+        self.dispatch.close()
         for link in set(self.links.values()):
             await link.close()
         await self.endpoint.close()
         if self.hep is not None:
             await self.hep.close()
-
-
-def _answers_probe(response: Response) -> bool:
-    """Whether the top Via branch is a ClearIP link's OPTIONS probe (one check per response)."""
-    try:
-        branch = response.top_via.branch
-    except SipParseError:
-        return False  # the core counts it
-    return branch is not None and branch.startswith(PROBE_PREFIX)
 
 
 async def start_kernel_filter(config: ProxyConfig, policy: SourcePolicy) -> None:

@@ -33,8 +33,6 @@ import logging
 import secrets
 import socket
 import ssl
-import struct
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -54,6 +52,7 @@ from clearip.relay.transport.peer import (
     response_peer,
 )
 from clearip.relay.transport.tls import ClientTls, FailureLog, failure_reason
+from clearip.relay.transport.udp import SO_TIMESTAMPNS, UdpSocket
 
 if TYPE_CHECKING:  # worker_role imports this package
     from clearip.relay.worker_role import WorkerRole
@@ -67,16 +66,8 @@ Handler = Callable[[Request | Response, Peer], None]
 Tracer = Callable[[str, Message, Peer], None]
 SendErrorHandler = Callable[[Message, Peer, str], None]
 
-DSCP_EF = 46
 _IP_RECVTOS = getattr(socket, "IP_RECVTOS", 13)
 _IPV6_RECVTCLASS = getattr(socket, "IPV6_RECVTCLASS", 66)
-_IPV6_TCLASS = getattr(socket, "IPV6_TCLASS", 67)
-# SO_TIMESTAMPNS (the "old" option, struct timespec): the kernel's arrival time of a datagram.
-_SO_TIMESTAMPNS = 35
-_CMSG_SPACE = socket.CMSG_SPACE(4) * 2 + socket.CMSG_SPACE(16)
-_UDP_BATCH = 64
-# With an emergency socket (steering), it is looked at again after every few normal datagrams.
-_EMERGENCY_EVERY = 4
 
 
 @functools.lru_cache(maxsize=4096)
@@ -87,25 +78,6 @@ def is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _dscp(ancdata: list[tuple[int, int, bytes]]) -> int:
-    """The DSCP of a datagram from its IP_TOS / IPV6_TCLASS control message (0 if absent)."""
-    for level, kind, value in ancdata:
-        if level == socket.IPPROTO_IP and kind == socket.IP_TOS and value:
-            return value[0] >> 2
-        if level == socket.IPPROTO_IPV6 and kind == _IPV6_TCLASS and value:
-            return int.from_bytes(value[:4], sys.byteorder) >> 2  # a native int
-    return 0
-
-
-def _queue_delay(ancdata: list[tuple[int, int, bytes]]) -> float:
-    """Seconds a datagram waited in the socket queue, from its kernel timestamp (0 if none)."""
-    for level, kind, value in ancdata:
-        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(value) >= 16:
-            seconds, nanoseconds = struct.unpack_from("@qq", value)
-            return max(0.0, time.time() - float(seconds) - float(nanoseconds) * 1e-9)
-    return 0.0
 
 
 def _bind_udp(family: int, address: str, port: int, *, reuse_port: bool) -> socket.socket:
@@ -121,7 +93,7 @@ def _bind_udp(family: int, address: str, port: int, *, reuse_port: bool) -> sock
         else:
             sock.setsockopt(socket.IPPROTO_IP, _IP_RECVTOS, 1)
         with contextlib.suppress(OSError):  # arrival times: the overload signal
-            sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
         sock.bind((address, port))
@@ -130,68 +102,6 @@ def _bind_udp(family: int, address: str, port: int, *, reuse_port: bool) -> sock
         raise
     sock.setblocking(False)
     return sock
-
-
-class _UdpSocket:
-    """One bound UDP socket, read in batches with the TOS byte of each datagram."""
-
-    def __init__(self, endpoint: SipEndpoint, sock: socket.socket, local: LocalAddress) -> None:
-        self.endpoint = endpoint
-        self.sock = sock
-        self.local = local
-        self.family = sock.family
-        # A worker's emergency socket on the same address (steering): read before each batch.
-        self.emergency: _UdpSocket | None = None
-        name = sock.getsockname()
-        self.bound = (str(name[0]), int(name[1]))  # the real address (``local`` may advertise)
-
-    def on_readable(self) -> None:
-        if self.emergency is not None:
-            self.emergency.on_emergency_readable()
-        batch: list[tuple[bytes, Peer, bool]] = []
-        sock = self.sock
-        for index in range(_UDP_BATCH):
-            try:
-                data, ancdata, _flags, address = sock.recvmsg(65535, _CMSG_SPACE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
-                self.endpoint.counters["udp_recv_error"] += 1
-                log.debug("UDP receive error: %s", exc)
-                break
-            if index == 0:  # the oldest datagram waiting: how far behind we are
-                self.endpoint.queue_delay = _queue_delay(ancdata)
-            marked = bool(ancdata) and _dscp(ancdata) == DSCP_EF
-            batch.append((data, Peer("udp", address[0], address[1]), marked))
-        if any(marked for _, _, marked in batch):
-            self.endpoint.counters["udp_dscp_ef_received"] += 1
-            batch.sort(key=lambda item: not item[2])
-        emergency = self.emergency
-        for index, (data, peer, _) in enumerate(batch):
-            if emergency is not None and index and not index % _EMERGENCY_EVERY:
-                # A 911 that arrived while this batch runs waits for a few datagrams only.
-                emergency.on_emergency_readable()
-            self.endpoint.datagram_received(data, peer, self)
-
-    def on_emergency_readable(self) -> None:
-        """The emergency socket: everything on it is first in line (as if marked DSCP EF),
-        each handled as soon as read; its wait is not the overload signal (queue_delay)."""
-        endpoint = self.endpoint
-        sock = self.sock
-        for _ in range(_UDP_BATCH):
-            try:
-                data, address = sock.recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                endpoint.counters["udp_recv_error"] += 1
-                log.debug("UDP receive error: %s", exc)
-                break
-            endpoint.counters["udp_emergency_received"] += 1
-            endpoint.datagram_received(data, Peer("udp", address[0], address[1]), self)
-
-    def sendto(self, data: bytes, host: str, port: int) -> None:
-        self.sock.sendto(data, (host, port))
 
 
 class StreamConnection(asyncio.Protocol):
@@ -346,7 +256,7 @@ class SipEndpoint:
         self._per_source: Counter[str] = Counter()
         self._inbound = 0  # inbound connections (what max_connections bounds)
         self._connecting: dict[tuple[str, str, int], asyncio.Task[StreamConnection]] = {}
-        self._udp: list[_UdpSocket] = []
+        self.udp_sockets: list[UdpSocket] = []
         self._servers: list[asyncio.AbstractServer] = []
         self.locals: list[LocalAddress] = []
         self._route_cache: dict[str, str] = {}
@@ -378,7 +288,7 @@ class SipEndpoint:
             sock = _bind_udp(family, spec.address, spec.port, reuse_port=worker is not None)
             bound = sock.getsockname()[:2]
             local = LocalAddress("udp", spec.advertise or bound[0], bound[1])
-            udp = _UdpSocket(self, sock, local)
+            udp = UdpSocket(self, sock, local)
             pin_dir = worker.steering_dir(spec) if worker is not None else ""
             if pin_dir:
                 try:
@@ -388,7 +298,7 @@ class SipEndpoint:
                     raise
                 loop.add_reader(udp.emergency.sock, udp.emergency.on_emergency_readable)
             loop.add_reader(sock, udp.on_readable)
-            self._udp.append(udp)
+            self.udp_sockets.append(udp)
         elif transport in STREAM_TRANSPORTS:
             if worker is not None and worker.count > 1 and self._handoff is None:
                 handoff = Handoff(self, worker)
@@ -423,7 +333,7 @@ class SipEndpoint:
             self._sweeper = asyncio.create_task(self._sweep_idle())
         return bound[0], bound[1]
 
-    def _join_steering(self, udp: _UdpSocket, pin_dir: str) -> _UdpSocket:
+    def _join_steering(self, udp: UdpSocket, pin_dir: str) -> UdpSocket:
         """Join the steering program pinned at ``pin_dir`` (loaded by the supervisor) with the
         normal socket and a new emergency socket on the same address (returned).
         Raises SteeringUnavailable saying what failed and how to fix it."""
@@ -462,7 +372,7 @@ class SipEndpoint:
                 f"{where}: cannot join the steering program: {exc}",
                 "run the worker as root (CAP_BPF, CAP_NET_ADMIN) with /sys/fs/bpf readable",
             ) from None
-        return _UdpSocket(self, esock, udp.local)
+        return UdpSocket(self, esock, udp.local)
 
     def local_for(
         self,
@@ -520,7 +430,7 @@ class SipEndpoint:
         the relay uses for the peer's family is bound to (a wildcard resolved by the route)."""
         if peer.transport == "udp":
             want_v6 = ":" in peer.host
-            for udp in self._udp:
+            for udp in self.udp_sockets:
                 if (udp.family == socket.AF_INET6) == want_v6:
                     host, port = udp.bound
                     if host in ("0.0.0.0", "::") and is_ip(peer.host):
@@ -553,39 +463,41 @@ class SipEndpoint:
         return address
 
     # -- receiving ----------------------------------------------------------------------------
-    def datagram_received(self, data: bytes, peer: Peer, sock: _UdpSocket) -> None:
-        if self.is_trusted is not None and not self.is_trusted(peer.host):
-            self.counters["untrusted_dropped"] += 1
-            return
-        if data.strip(b"\r\n") == b"":
-            self.counters["udp_keepalive"] += 1
-            return
-        self.message_received(data, peer, datagram=True)
-
     def message_received(self, data: bytes, peer: Peer, *, datagram: bool) -> None:
+        """A framed message from a stream (or a hand-off): parse, trace, hand over. Datagrams
+        take the same steps, compiled, in :meth:`UdpSocket.receive`."""
         try:
             message = parse_message(data, limits=self.limits, datagram=datagram)
         except SipParseError as exc:
-            self.counters[f"parse_error_{exc.kind}"] += 1
-            answer = build_bad_request(data, exc.reason)
-            if answer is None:
-                self.counters["malformed_dropped"] += 1
-                log.debug("dropped malformed message from %s: %s", peer, exc.reason)
-                return
-            self.counters["bad_request_sent"] += 1
-            self.send_bytes(answer, peer)
+            self.parse_failed(data, peer, exc)
             return
         if self.tracer is not None:
             self.tracer("in", message, peer)
         try:
             self.handler(message, peer)
         except SipParseError as exc:
-            # A lazily parsed header turned out malformed deep in the handler.
-            self.counters[f"parse_error_{exc.kind}"] += 1
-            if isinstance(message, Request) and message.method != "ACK":
-                answer = build_bad_request(data, exc.reason)
-                if answer is not None:
-                    self.send_bytes(answer, peer)
+            self.handler_failed(data, message, peer, exc)
+
+    def parse_failed(self, data: bytes, peer: Peer, exc: SipParseError) -> None:
+        """A message that does not parse: 400 naming the problem when it can be answered."""
+        self.counters[f"parse_error_{exc.kind}"] += 1
+        answer = build_bad_request(data, exc.reason)
+        if answer is None:
+            self.counters["malformed_dropped"] += 1
+            log.debug("dropped malformed message from %s: %s", peer, exc.reason)
+            return
+        self.counters["bad_request_sent"] += 1
+        self.send_bytes(answer, peer)
+
+    def handler_failed(
+        self, data: bytes, message: Request | Response, peer: Peer, exc: SipParseError
+    ) -> None:
+        """A lazily parsed header turned out malformed deep in the handler."""
+        self.counters[f"parse_error_{exc.kind}"] += 1
+        if isinstance(message, Request) and message.method != "ACK":
+            answer = build_bad_request(data, exc.reason)
+            if answer is not None:
+                self.send_bytes(answer, peer)
 
     # -- connections --------------------------------------------------------------------------
     def accept_connection(self, conn: StreamConnection) -> bool:
@@ -728,7 +640,7 @@ class SipEndpoint:
                 self._spawn(self._resolve_and_send(message, data, peer))
                 return
             if not self._sendto(data, peer):
-                self._send_failed(message, peer, "UDP send failed")
+                self.send_failed(message, peer, "UDP send failed")
             return
         conn = self.connections.get(peer.conn) if peer.conn is not None else None
         if conn is None or conn.closed:
@@ -764,7 +676,7 @@ class SipEndpoint:
 
     def _sendto(self, data: bytes, peer: Peer) -> bool:
         want_v6 = ":" in peer.host
-        for udp in self._udp:
+        for udp in self.udp_sockets:
             if (udp.family == socket.AF_INET6) == want_v6:
                 try:
                     udp.sendto(data, peer.host, peer.port)
@@ -781,22 +693,22 @@ class SipEndpoint:
         try:
             infos = await loop.getaddrinfo(peer.host, peer.port, type=socket.SOCK_DGRAM)
         except OSError as exc:
-            self._send_failed(message, peer, f"cannot resolve {peer.host}: {exc}")
+            self.send_failed(message, peer, f"cannot resolve {peer.host}: {exc}")
             return
         host = str(infos[0][4][0])
         if not self._sendto(data, Peer("udp", host, peer.port)):
-            self._send_failed(message, peer, "UDP send failed")
+            self.send_failed(message, peer, "UDP send failed")
 
     async def _connect_and_send(self, message: Message, data: bytes, peer: Peer) -> None:
         try:
             conn = await self._connection_to(peer.without_conn())
         except (TimeoutError, OSError, ssl.SSLError) as exc:
-            self._send_failed(message, peer, f"cannot connect to {peer}: {exc}")
+            self.send_failed(message, peer, f"cannot connect to {peer}: {exc}")
             return
         if not conn.write(data):
-            self._send_failed(message, peer, f"connection to {peer} closed")
+            self.send_failed(message, peer, f"connection to {peer} closed")
 
-    def _send_failed(self, message: Message, peer: Peer, reason: str) -> None:
+    def send_failed(self, message: Message, peer: Peer, reason: str) -> None:
         self.counters["send_failed"] += 1
         log.info("%s", reason)
         if self.on_send_error is not None:
@@ -806,13 +718,13 @@ class SipEndpoint:
         if self._sweeper is not None:
             self._sweeper.cancel()
         loop = asyncio.get_running_loop()
-        for udp in self._udp:
+        for udp in self.udp_sockets:
             loop.remove_reader(udp.sock)
             udp.sock.close()
             if udp.emergency is not None:
                 loop.remove_reader(udp.emergency.sock)
                 udp.emergency.sock.close()
-        self._udp.clear()
+        self.udp_sockets.clear()
         for server in self._servers:
             server.close()
         for conn in list(self.connections.values()):
