@@ -6,12 +6,12 @@ sans-IO core with mypyc.
 
 Every module of ``relay/sip/`` and ``relay/proxy/`` (the SIP stack and the proxy core: pure,
 strictly typed code that runs per message) is also compiled into a C extension by mypyc, which
-halves their cost, with the three modules of the asyncio shell that every message goes through
-(the UDP socket reader, the effect interpreter, its timer wheel: ``relay/coresources.py``); the
-rest of the shell stays interpreted. The ``.py`` files are installed too:
-they are the fallback, used when no C compiler or Python headers are available at install time
-(one message says so, the install goes on) and whenever ``CLEARIP_PURE_PYTHON=1`` is set at run
-time (see ``relay/__init__.py``).
+halves their cost, with the few other modules that every message goes through (the UDP socket
+reader, the effect interpreter, its timer wheel, the emergency-number check:
+``relay/coresources.py``); the rest of the asyncio shell stays interpreted. The ``.py`` files
+are installed too: they are the fallback, used when no C compiler or Python headers are
+available at install time (one message says so, the install goes on) and whenever
+``CLEARIP_PURE_PYTHON=1`` is set at run time (see ``relay/__init__.py``).
 """
 
 from __future__ import annotations

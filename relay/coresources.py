@@ -13,9 +13,14 @@ import os
 #: The packages whose modules are compiled.
 COMPILED_PACKAGES = ("sip", "proxy")
 
-#: Modules of the asyncio shell on every message's path, compiled too: the UDP socket reader,
-#: the effect interpreter and its timer wheel.
-COMPILED_MODULES = ("timerwheel.py", "dispatch.py", os.path.join("transport", "udp.py"))
+#: Modules outside those packages on every message's path, compiled too: the UDP socket
+#: reader, the effect interpreter and its timer wheel, the emergency-number check.
+COMPILED_MODULES = (
+    "timerwheel.py",
+    "dispatch.py",
+    "emergency.py",
+    os.path.join("transport", "udp.py"),
+)
 
 #: Beside the library built in place: :func:`core_digest` of the sources it was made from.
 DIGEST_FILE = "_core_sources.sha256"

@@ -19,8 +19,8 @@ from clearip.relay.config import ProxyConfig
 from clearip.relay.proxy.redirect import Target
 from clearip.relay.shaken import attestation_of
 from clearip.relay.sip.message import Request, Response
+from clearip.relay.sip.peer import Peer
 from clearip.relay.sip.transaction.matching import TransactionKey
-from clearip.relay.transport.peer import Peer
 from clearip.relay.trust import Role
 
 

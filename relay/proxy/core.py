@@ -66,6 +66,7 @@ from clearip.relay.proxy.routing import (
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.message import Message, Request, Response, select_headers
 from clearip.relay.sip.parser import content_length_conflict
+from clearip.relay.sip.peer import STREAM_TRANSPORTS, LocalAddress, Peer, response_peer
 from clearip.relay.sip.transaction import (
     ClientInviteState,
     ClientInviteTransaction,
@@ -94,7 +95,6 @@ from clearip.relay.sip.transaction.matching import (
 )
 from clearip.relay.sip.uri import SipUri, parse_uri, uri_user_number
 from clearip.relay.sip.via import parse_via
-from clearip.relay.transport.peer import STREAM_TRANSPORTS, LocalAddress, Peer, response_peer
 from clearip.relay.trust import Role
 
 log = logging.getLogger("clearip.proxy")

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from typing import Any, Final, final
 
 from clearip.relay.sip.message import Message
+from clearip.relay.sip.peer import Peer
 from clearip.relay.sip.record import Record
-from clearip.relay.transport.peer import Peer
 
 # Plain classes with a compiled __init__, not dataclasses (see clearip.relay.sip.record).
 

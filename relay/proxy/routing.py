@@ -28,9 +28,9 @@ from typing import Final, final
 from clearip.relay.sip.address import Address
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.message import Request, Response
+from clearip.relay.sip.peer import LocalAddress, Peer
 from clearip.relay.sip.uri import SipUri, parse_uri
 from clearip.relay.sip.via import DEFAULT_PORTS, MAGIC_COOKIE, Via
-from clearip.relay.transport.peer import LocalAddress, Peer
 
 STATEFUL_PREFIX = MAGIC_COOKIE + "cip"
 STATELESS_PREFIX = MAGIC_COOKIE + "cis"

@@ -32,7 +32,7 @@ from typing import Final, Protocol
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.parser import Limits, parse_message
-from clearip.relay.transport.peer import LocalAddress, Peer
+from clearip.relay.sip.peer import LocalAddress, Peer
 
 log = logging.getLogger("clearip.transport")
 
