@@ -199,8 +199,8 @@ def run(
             )
     if "tls" in upstreams:
         notes.append(
-            "tls: the ClearIP stand-in is clearip-proxy emulate over TLS (Python, signs a "
-            "PASSporT per INVITE); no Kamailio row (the anchor has no TLS upstream)"
+            f"tls: the ClearIP stand-in is {rig.tls_standin_name()}; no Kamailio row (the "
+            "anchor has no TLS upstream)"
         )
     return rows, notes
 

@@ -35,7 +35,7 @@ debian_packages() {
     fi
     if [ "$dev" = 1 ]; then
         pkgs+=(tshark rpm rpmlint cpio systemd kamailio nftables netsniff-ng prometheus sngrep
-            xdp-tools)
+            xdp-tools stunnel4)
     fi
     local missing=()
     for p in "${pkgs[@]}"; do
