@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from clearip.relay.metrics import LatencyHistogram
+from clearip.relay.latency import LatencyHistogram
 
 TOTALS = ("active_calls", "active_transactions", "connections")
 

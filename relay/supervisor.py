@@ -56,7 +56,8 @@ from clearip.relay.fleet import (
     merge_status,
     workers_block,
 )
-from clearip.relay.metrics import LatencyHistogram, MetricsServer, registry_for
+from clearip.relay.latency import LatencyHistogram
+from clearip.relay.metrics import MetricsServer, registry_for
 from clearip.relay.policy import PolicyError, SourcePolicy
 from clearip.relay.reload import plan_reload
 from clearip.relay.sdnotify import Notifier, watchdog, watchdog_interval

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from clearip.relay.metrics import LatencyHistogram, registry_for
+from clearip.relay.latency import LatencyHistogram
+from clearip.relay.metrics import registry_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "packaging" / "grafana" / "clearip-proxy-dashboard.json"

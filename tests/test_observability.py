@@ -119,7 +119,8 @@ def test_kernel_counters_become_metric_families() -> None:
 
     from prometheus_client import generate_latest
 
-    from clearip.relay.metrics import LatencyHistogram, registry_for
+    from clearip.relay.latency import LatencyHistogram
+    from clearip.relay.metrics import registry_for
 
     snapshot = {
         "counters": Counter(),

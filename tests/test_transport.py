@@ -12,7 +12,8 @@ import trustme
 
 from clearip.relay.sip.message import Request, Response
 from clearip.relay.sip.parser import Limits, parse_message
-from clearip.relay.transport import ListenerSpec, Peer, SipEndpoint, response_peer
+from clearip.relay.transport.endpoint import SipEndpoint
+from clearip.relay.transport.peer import ListenerSpec, Peer, response_peer
 from clearip.relay.transport.tls import client_context
 
 OPTIONS = (

@@ -31,7 +31,7 @@ from clearip.relay.proxy.routing import STATELESS_PREFIX, Locality, response_nex
 from clearip.relay.sip.framing import StreamFramer
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.parser import parse_message
-from clearip.relay.transport import ListenerSpec, LocalAddress, Peer, SipEndpoint, response_peer
+from clearip.relay.transport.endpoint import SipEndpoint
 from clearip.relay.transport.handoff import (
     HandoffError,
     Kind,
@@ -42,6 +42,7 @@ from clearip.relay.transport.handoff import (
     remote_conn,
     split_conn,
 )
+from clearip.relay.transport.peer import ListenerSpec, LocalAddress, Peer, response_peer
 from clearip.relay.worker_role import WorkerRole
 from tests.netns import unique_tag
 

@@ -42,7 +42,8 @@ from clearip.relay.fleet import (
     merge_upstreams,
     workers_block,
 )
-from clearip.relay.metrics import LatencyHistogram, registry_for
+from clearip.relay.latency import LatencyHistogram
+from clearip.relay.metrics import registry_for
 from clearip.relay.reload import plan_reload
 from clearip.relay.supervisor import bpffs_problem, exit_status
 from clearip.relay.transport.peer import ListenerSpec

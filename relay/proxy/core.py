@@ -35,7 +35,7 @@ from typing import Any, Final, Protocol, final
 
 from clearip.relay.config import ProxyConfig
 from clearip.relay.emergency import EmergencyNumbers
-from clearip.relay.metrics import LatencyHistogram
+from clearip.relay.latency import LatencyHistogram
 from clearip.relay.proxy.call import (
     Branch,
     Phase,
