@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--config", default=DEFAULT_CONFIG, help="TOML config (default: %(default)s)"
     )
+    check.add_argument(
+        "--show-defaults",
+        action="store_true",
+        help="print the packaged config, which documents every key and its default, and exit",
+    )
 
     reload = sub.add_parser(
         "reload",
@@ -66,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-running", action="store_true", help="leave everything up")
     demo.add_argument("--xdp", action="store_true", help="also load the kernel filter (root)")
     return parser
+
+
+def _packaged_config() -> str:
+    """``relay/data/proxy.toml``: every key with its default and what it does."""
+    from importlib.resources import files
+
+    return files("clearip.relay").joinpath("data", "proxy.toml").read_text(encoding="utf-8")
 
 
 def _check_config(path: str) -> int:
@@ -263,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return emulate_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "check-config":
+        if args.show_defaults:
+            sys.stdout.write(_packaged_config())
+            return 0
         return _check_config(args.config)
     if args.command == "run":
         return _run(args.config)

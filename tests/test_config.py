@@ -84,6 +84,19 @@ def test_check_config_refuses_and_names_the_problem(tmp_path: Path) -> None:
     assert "proxy.provider_timeout" in result.stderr and str(config) in result.stderr
 
 
+def test_show_defaults_prints_the_packaged_config_that_the_errors_point_to(
+    tmp_path: Path,
+) -> None:
+    shown = _cli("check-config", "--show-defaults")
+    assert shown.returncode == 0, shown.stderr
+    copy = tmp_path / "proxy.toml"
+    copy.write_text(shown.stdout)
+    assert load_config(copy) == config_from_data({})  # every key at its default
+    copy.write_text("[proxy]\nprovider_timout = 5\n")
+    refused = _cli("check-config", "--config", str(copy))
+    assert refused.returncode == 2 and "check-config --show-defaults" in refused.stderr
+
+
 def test_run_refuses_an_invalid_file(tmp_path: Path) -> None:
     config = tmp_path / "proxy.toml"
     config.write_text("[proxy\n")
