@@ -178,9 +178,6 @@ class ControlServer:
             unsubscribe()
             gone.cancel()
 
-    def handle_line(self, line: bytes) -> dict[str, Any]:
-        return self.handle(_parse(line))
-
     def handle(self, request: object) -> dict[str, Any]:
         """One reply for one decoded request; never raises. A handler may return an
         awaitable (a supervisor asking its workers): :meth:`handle_async` awaits it."""

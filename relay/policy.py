@@ -322,7 +322,3 @@ def _saved_emergency(path: Path, config: list[str]) -> EmergencyNumbers | None:
             path.replace(path.with_name(path.name + ".old"))
         return None
     return numbers
-
-
-def validate_numbers(numbers: Iterable[str]) -> list[str]:
-    return [validate_number(n) for n in numbers]
