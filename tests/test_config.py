@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,51 @@ def test_check_config_refuses_and_names_the_problem(tmp_path: Path) -> None:
     result = _cli("check-config", "--config", str(config))
     assert result.returncode == 2
     assert "proxy.provider_timeout" in result.stderr and str(config) in result.stderr
+
+
+def _schema_keys() -> set[str]:
+    """Every key the config reader asks for (``section.key``), from the reader itself."""
+    import clearip.relay.config as config_module
+
+    seen: set[str] = set()
+    finish = config_module._Reader.finish
+
+    def recording_finish(reader: config_module._Reader) -> None:
+        prefix = re.sub(r"\[\d+\]", "", reader.prefix)  # listen[0] -> listen
+        seen.update(f"{prefix}.{name}" if prefix else name for name in reader.used)
+        finish(reader)
+
+    config_module._Reader.finish = recording_finish  # type: ignore[method-assign]
+    try:
+        load_config(PACKAGED)
+        config_from_data({"upstream": {"inbound": {}}})
+    finally:
+        config_module._Reader.finish = finish  # type: ignore[method-assign]
+    return {key for key in seen if "." in key}  # the top level holds only tables
+
+
+def _documented_keys() -> set[str]:
+    """``section.key`` for every key in the packaged file, commented-out examples included."""
+    documented: set[str] = set()
+    section = ""
+    for line in PACKAGED.read_text().splitlines():
+        text = line.strip().lstrip("#").strip()
+        if header := re.match(r"^\[\[?([a-z_.]+)\]\]?", text):
+            section = header.group(1)
+        elif key := re.match(r"^([a-z_0-9]+)\s*=", text):
+            documented.add(f"{section}.{key.group(1)}" if section else key.group(1))
+    return documented
+
+
+def test_the_packaged_config_documents_every_key_and_only_real_keys() -> None:
+    schema = _schema_keys()
+    # [upstream.inbound] takes the same keys as [upstream.outbound]; the file says so once.
+    schema = {k.replace("upstream.inbound.", "upstream.outbound.") for k in schema}
+    documented = _documented_keys()
+    documented = {k.replace("upstream.inbound.", "upstream.outbound.") for k in documented}
+    assert "proxy.trust_file" in schema and "xdp.pin_dir" in schema  # the reader was seen
+    assert sorted(schema - documented) == [], "keys missing from relay/data/proxy.toml"
+    assert sorted(documented - schema) == [], "relay/data/proxy.toml documents unknown keys"
 
 
 def test_show_defaults_prints_the_packaged_config_that_the_errors_point_to(
