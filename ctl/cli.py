@@ -23,10 +23,10 @@ from clearip.relay.trust import (
     TrustError,
     load_trust_file,
     parse_cidr,
-    parse_role,
     render_trust_file,
     save_trust_file,
     trust_list_from_data,
+    trust_list_from_text,
 )
 
 DEFAULT_SOCKET = "/run/clearip-proxy/control.sock"
@@ -225,24 +225,16 @@ def _trust_offline(args: argparse.Namespace) -> int:
     else:
         trust = load_trust_file(path)
     if args.action == "list":
-        return _print_trust(
-            [{"cidr": e.cidr, "role": e.role.value, "note": e.note} for e in trust], args
-        )
+        return _print_trust([entry.as_dict() for entry in trust], args)
     if args.action == "export":
         print(render_trust_file(trust), end="")
         return EXIT_OK
     if args.action == "add":
-        trust.add(TrustEntry(parse_cidr(args.cidr), parse_role(args.role), args.note))
+        trust.add(TrustEntry.parse(args.cidr, args.role, args.note))
     elif args.action == "remove":
         trust.remove(parse_cidr(args.cidr))
     elif args.action == "import":
-        import tomllib
-
-        try:
-            data = tomllib.loads(_read_import(args.file))
-        except tomllib.TOMLDecodeError as exc:
-            raise TrustError(f"{args.file}: not a trust file: {exc}") from None
-        trust = trust_list_from_data(data, args.file)
+        trust = trust_list_from_text(_read_import(args.file), args.file)
     save_trust_file(path, trust)
     print(f"{args.action}: done ({note})")
     return EXIT_OK

@@ -52,9 +52,8 @@ from clearip.relay.trust import (
     TrustEntry,
     TrustError,
     parse_cidr,
-    parse_role,
     render_trust_file,
-    trust_list_from_data,
+    trust_list_from_text,
 )
 
 log = logging.getLogger("clearip.control")
@@ -211,13 +210,11 @@ class ControlServer:
 
     # -- handlers ----------------------------------------------------------------------------
     def _trust_list(self, _: dict[str, Any]) -> list[dict[str, str]]:
-        return [{"cidr": e.cidr, "role": e.role.value, "note": e.note} for e in self.policy.trust]
+        return [entry.as_dict() for entry in self.policy.trust]
 
     def _trust_add(self, request: dict[str, Any]) -> str:
-        entry = TrustEntry(
-            parse_cidr(str(request["cidr"])),
-            parse_role(str(request["role"])),
-            str(request.get("note", "")),
+        entry = TrustEntry.parse(
+            str(request["cidr"]), str(request["role"]), str(request.get("note", ""))
         )
         self.policy.trust_add(entry)
         return f"added {entry.cidr} ({entry.role.value})"
@@ -227,16 +224,10 @@ class ControlServer:
         return f"removed {entry.cidr}"
 
     def _trust_import(self, request: dict[str, Any]) -> str:
-        import tomllib
-
         origin = str(request.get("origin", "import"))
         if not isinstance(request["text"], str):
             raise TrustError('"text" must be the trust file\'s text')
-        try:
-            data = tomllib.loads(request["text"])
-        except tomllib.TOMLDecodeError as exc:
-            raise TrustError(f"{origin}: not a trust file: {exc}") from None
-        fresh = trust_list_from_data(data, origin)
+        fresh = trust_list_from_text(request["text"], origin)
         self.policy.trust_replace(fresh)
         return f"imported {len(fresh)} entries"
 

@@ -38,7 +38,7 @@ from clearip.relay.trace import record as trace_record
 from clearip.relay.transport.endpoint import SipEndpoint, is_ip
 from clearip.relay.transport.peer import LocalAddress, Peer
 from clearip.relay.transport.tls import ClientTls
-from clearip.relay.trust import Role, TrustEntry, TrustError, TrustList, parse_cidr, parse_role
+from clearip.relay.trust import Role, TrustEntry, TrustError, TrustList
 from clearip.relay.upstream import PROBE_PREFIX, UpstreamLink
 from clearip.relay.worker_role import WorkerRole
 
@@ -312,7 +312,7 @@ class Daemon:
     def _policy_set(self, request: dict[str, Any]) -> dict[str, Any]:
         """``policy.set``: the supervisor's trust list and emergency numbers, in memory."""
         entries = [
-            TrustEntry(parse_cidr(str(e["cidr"])), parse_role(str(e["role"])), str(e["note"]))
+            TrustEntry.parse(str(e["cidr"]), str(e["role"]), str(e["note"]))
             for e in request["trust"]
         ]
         changed = self.policy.adopt(entries, [str(n) for n in request["emergency"]])

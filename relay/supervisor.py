@@ -529,7 +529,7 @@ class Supervisor:
         return self.counters + self._retired
 
     async def _tell_policy(self, worker: WorkerProcess) -> None:
-        trust = [{"cidr": e.cidr, "role": e.role.value, "note": e.note} for e in self.policy.trust]
+        trust = [entry.as_dict() for entry in self.policy.trust]
         reply = await ask(
             self.control_path(worker.index),
             "policy.set",

@@ -49,6 +49,15 @@ class TrustEntry:
     def cidr(self) -> str:
         return str(self.network)
 
+    @classmethod
+    def parse(cls, cidr: str, role: str, note: str = "") -> TrustEntry:
+        """An entry from its text fields (a command, a file); errors say how to fix them."""
+        return cls(parse_cidr(cidr), parse_role(role), note)
+
+    def as_dict(self) -> dict[str, str]:
+        """The JSON form (control socket, ``clearipctl trust list --json``): text fields."""
+        return {"cidr": self.cidr, "role": self.role.value, "note": self.note}
+
 
 def parse_cidr(text: str) -> IPNetwork:
     """An address or CIDR; host bits set is an error (``10.0.0.1/24`` is ambiguous)."""
@@ -162,6 +171,15 @@ def load_trust_file(path: str | Path) -> TrustList:
     return trust_list_from_data(data, str(path))
 
 
+def trust_list_from_text(text: str, origin: str) -> TrustList:
+    """A trust file's text (``clearipctl trust import``); ``origin`` names it in errors."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise TrustError(f"{origin}: not a trust file: {exc}") from None
+    return trust_list_from_data(data, origin)
+
+
 def trust_list_from_data(data: dict[str, object], origin: str) -> TrustList:
     unknown = set(data) - {"source"}
     if unknown:
@@ -185,7 +203,7 @@ def trust_list_from_data(data: dict[str, object], origin: str) -> TrustList:
         if not isinstance(note, str):
             raise TrustError(f"{where}: note must be a string")
         try:
-            trust.add(TrustEntry(parse_cidr(cidr), parse_role(role), note))
+            trust.add(TrustEntry.parse(cidr, role, note))
         except TrustError as exc:
             raise TrustError(f"{where}: {exc}") from None
     return trust
