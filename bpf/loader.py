@@ -56,6 +56,7 @@ import ipaddress
 import logging
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -73,16 +74,32 @@ log = logging.getLogger("clearip.xdp")
 
 SOURCE = Path(__file__).with_name("xdp_filter.c")
 DEFAULT_PIN_DIR = "/sys/fs/bpf/clearip"
-OUTCOMES = (
-    "passed_trusted",
-    "dropped_untrusted",
-    "passed_non_sip",
-    "emergency_marked",
-    "parse_giveup",
-)
+
+
+def c_defines(source: str) -> dict[str, int]:
+    """The ``#define NAME <integer>`` lines of a C source."""
+    return {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"^#define\s+([A-Z_][A-Z0-9_]*)\s+(\d+)\b", source, re.MULTILINE)
+    }
+
+
+def counter_layout(source: str) -> tuple[tuple[str, ...], int]:
+    """The outcome names (``COUNTER_PASSED_TRUSTED`` 0 -> "passed_trusted", ...) and the number
+    of per-interface counter slots, read from the C file: the one place they are defined."""
+    defines = c_defines(source)
+    named = {v: k.removeprefix("COUNTER_").lower() for k, v in defines.items()
+             if k.startswith("COUNTER_")}  # fmt: skip
+    count = defines["COUNTERS"]
+    if sorted(named) != list(range(count)):
+        raise ValueError(f"xdp_filter.c: COUNTER_* must number 0..{count - 1}, not {sorted(named)}")
+    return tuple(named[i] for i in range(count)), defines["IFACE_SLOTS"]
+
+
+# Outcomes counted per interface; IFACE_SLOTS counter slots (the last one, IFACE_OTHER, shared).
+OUTCOMES, IFACE_SLOTS = counter_layout(SOURCE.read_text(encoding="utf-8"))
 MODES = ("auto", "native", "generic")
 PROGRAM_NAME = "clearip_xdp"  # the kernel's name for the program: how detach recognises it
-IFACE_SLOTS = 256  # xdp_filter.c: counter slots (the last one, IFACE_OTHER, is shared)
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 FLAGS = {"generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
