@@ -309,11 +309,15 @@ def _upstream(table: dict[str, Any], prefix: str, base: UpstreamConfig) -> Upstr
 
 def _tls(table: dict[str, Any]) -> TlsConfig:
     r = _Reader(table, "tls")
+    base = TlsConfig()
     tls = TlsConfig(
         peers_ca_file=r.get(
-            "peers_ca_file", str, "", 'use the path of a PEM CA bundle ("" = the system store)'
+            "peers_ca_file",
+            str,
+            base.peers_ca_file,
+            'use the path of a PEM CA bundle ("" = the system store)',
         ),
-        peers_verify=r.get("peers_verify", bool, True, "use true or false"),
+        peers_verify=r.get("peers_verify", bool, base.peers_verify, "use true or false"),
     )
     r.finish()
     if tls.peers_ca_file and not Path(tls.peers_ca_file).is_file():
@@ -323,26 +327,34 @@ def _tls(table: dict[str, Any]) -> TlsConfig:
 
 def _hep(table: dict[str, Any]) -> HepConfig:
     r = _Reader(table, "hep")
+    base = HepConfig()
     address = r.get(
-        "address", str, "", 'use "host:port" of the collector, e.g. "10.0.0.5:9060" ("" = off)'
+        "address",
+        str,
+        base.address,
+        'use "host:port" of the collector, e.g. "10.0.0.5:9060" ("" = off)',
     ).strip()
     if address:
         try:
             parse_address(address)
         except ValueError as exc:
             raise ConfigError(f"hep.address = {address!r} is invalid: {exc}") from None
-    transport = r.get("transport", str, "udp", "use udp or tcp").lower()
+    transport = r.get("transport", str, base.transport, "use udp or tcp").lower()
     if transport not in ("udp", "tcp"):
         raise ConfigError(f"hep.transport = {transport!r} is invalid: use udp or tcp")
-    capture_id = r.get("capture_id", int, 1, "use a whole number from 0 to 4294967295")
+    capture_id = r.get(
+        "capture_id", int, base.capture_id, "use a whole number from 0 to 4294967295"
+    )
     if not 0 <= capture_id <= 0xFFFFFFFF:
         raise ConfigError(
             f"hep.capture_id = {capture_id} is invalid: use a whole number from 0 to 4294967295"
         )
-    password = r.get("password", str, "", 'use the collector\'s password ("" = none)')
+    password = r.get("password", str, base.password, 'use the collector\'s password ("" = none)')
     if len(password.encode("utf-8")) > 1024:
         raise ConfigError("hep.password is invalid: use at most 1024 bytes")
-    queue_limit = r.get("queue_limit", int, 10000, "use a whole number of records, e.g. 10000")
+    queue_limit = r.get(
+        "queue_limit", int, base.queue_limit, "use a whole number of records, e.g. 10000"
+    )
     if queue_limit <= 0:
         raise ConfigError(
             f"hep.queue_limit = {queue_limit} is invalid: use a whole number of records > 0"
@@ -370,20 +382,36 @@ def config_from_data(data: dict[str, Any]) -> ProxyConfig:
 
     p = _Reader(_table(data, "proxy"), "proxy")
     defaults = ProxyConfig()
-    upstream_timeout = p.positive("upstream_timeout", 5.0, "use seconds > 0 (the seed uses 5)")
-    provider_timeout = p.positive("provider_timeout", 2.0, "use seconds > 0")
-    codes = p.int_list("route_advance_codes", (408, 500, 502, 503, 504), "use SIP codes 300-699")
+    upstream_timeout = p.positive(
+        "upstream_timeout", defaults.upstream_timeout, "use seconds > 0 (the seed uses 5)"
+    )
+    provider_timeout = p.positive("provider_timeout", defaults.provider_timeout, "use seconds > 0")
+    codes = p.int_list(
+        "route_advance_codes", tuple(sorted(defaults.route_advance_codes)), "use SIP codes 300-699"
+    )
     for code in codes:
         if not 300 <= code <= 699:
             raise ConfigError(f"proxy.route_advance_codes has {code}: use final codes 300-699")
-    rate = float(p.get("invite_rate_per_source", float, 1000.0, "use INVITEs per second"))
+    rate = float(
+        p.get(
+            "invite_rate_per_source",
+            float,
+            defaults.invite_rate_per_source,
+            "use INVITEs per second",
+        )
+    )
     if rate < 0:
         raise ConfigError(
             f"proxy.invite_rate_per_source = {rate} is invalid: "
             "use INVITEs per second (0 = no limit)"
         )
     overload_delay = float(
-        p.get("overload_queue_delay", float, 0.05, "use seconds, e.g. 0.05 (0 = never shed)")
+        p.get(
+            "overload_queue_delay",
+            float,
+            defaults.overload_queue_delay,
+            "use seconds, e.g. 0.05 (0 = never shed)",
+        )
     )
     if overload_delay < 0:
         raise ConfigError(
@@ -391,12 +419,14 @@ def config_from_data(data: dict[str, Any]) -> ProxyConfig:
             "use seconds, e.g. 0.05 (0 = never shed)"
         )
     workers_hint = f'use a whole number from 1 to {MAX_WORKERS}, or "auto" (one per CPU)'
-    workers = p.get("workers", (int, str), "auto", workers_hint)
+    workers = p.get("workers", (int, str), defaults.workers, workers_hint)
     if isinstance(workers, bool) or (
         workers != "auto" if isinstance(workers, str) else not 1 <= workers <= MAX_WORKERS
     ):
         raise ConfigError(f"proxy.workers = {workers!r} is invalid: {workers_hint}")
-    options_down = p.get("options_when_upstream_down", int, 503, "use 200 or 503")
+    options_down = p.get(
+        "options_when_upstream_down", int, defaults.options_when_upstream_down, "use 200 or 503"
+    )
     if options_down not in (200, 503):
         raise ConfigError(f"proxy.options_when_upstream_down = {options_down}: use 200 or 503")
     config = ProxyConfig(
@@ -408,21 +438,35 @@ def config_from_data(data: dict[str, Any]) -> ProxyConfig:
         route_advance_codes=frozenset(codes),
         copy_headers=p.str_list("copy_headers", defaults.copy_headers, "use header names"),
         options_when_upstream_down=options_down,
-        max_contacts=int(p.positive("max_contacts", 10, "use a whole number > 0")),
-        max_transactions=int(p.positive("max_transactions", 100000, "use a whole number > 0")),
-        max_connections=int(p.positive("max_connections", 4096, "use a whole number > 0")),
-        max_connections_per_source=int(
-            p.positive("max_connections_per_source", 64, "use a whole number > 0")
+        max_contacts=int(
+            p.positive("max_contacts", defaults.max_contacts, "use a whole number > 0")
         ),
-        max_message_size=int(p.positive("max_message_size", 65536, "use a number of bytes > 0")),
+        max_transactions=int(
+            p.positive("max_transactions", defaults.max_transactions, "use a whole number > 0")
+        ),
+        max_connections=int(
+            p.positive("max_connections", defaults.max_connections, "use a whole number > 0")
+        ),
+        max_connections_per_source=int(
+            p.positive(
+                "max_connections_per_source",
+                defaults.max_connections_per_source,
+                "use a whole number > 0",
+            )
+        ),
+        max_message_size=int(
+            p.positive("max_message_size", defaults.max_message_size, "use a number of bytes > 0")
+        ),
         overload_queue_delay=overload_delay,
         invite_rate_per_source=rate,
         workers=workers,
-        run_dir=p.get("run_dir", str, "", 'use a directory path ("" = beside control_socket)'),
+        run_dir=p.get(
+            "run_dir", str, defaults.run_dir, 'use a directory path ("" = beside control_socket)'
+        ),
         steering_pin_dir=p.get(
             "steering_pin_dir",
             str,
-            DEFAULT_STEERING_PIN_DIR,
+            defaults.steering_pin_dir,
             "use a directory under /sys/fs/bpf (a bpf file system)",
         ),
     )
@@ -445,12 +489,19 @@ def config_from_data(data: dict[str, Any]) -> ProxyConfig:
     config = config.with_changes(outbound=outbound, inbound=inbound, tls=_tls(_table(data, "tls")))
 
     e = _Reader(_table(data, "emergency"), "emergency")
-    numbers = e.str_list("numbers", DEFAULT_NUMBERS, 'use digit strings, e.g. ["911", "933"]')
+    numbers = e.str_list(
+        "numbers", defaults.emergency_numbers, 'use digit strings, e.g. ["911", "933"]'
+    )
     try:
         numbers = tuple(validate_number(n) for n in numbers)
     except ValueError as exc:
         raise ConfigError(f"emergency.numbers: {exc}") from None
-    route = e.get("route", str, "", 'use a SIP URI such as "sip:psap-gw.example.net:5060"')
+    route = e.get(
+        "route",
+        str,
+        defaults.emergency_route,
+        'use a SIP URI such as "sip:psap-gw.example.net:5060"',
+    )
     if route:
         try:
             if not isinstance(parse_uri(route), SipUri):
@@ -461,45 +512,49 @@ def config_from_data(data: dict[str, Any]) -> ProxyConfig:
     config = config.with_changes(emergency_numbers=numbers, emergency_route=route)
 
     t = _Reader(_table(data, "timers"), "timers")
+    rfc = TimerSettings()
     timers = TimerSettings(
-        t1=t.positive("t1", 0.5, "use seconds > 0 (RFC 3261: 0.5)"),
-        t2=t.positive("t2", 4.0, "use seconds > 0 (RFC 3261: 4)"),
-        t4=t.positive("t4", 5.0, "use seconds > 0 (RFC 3261: 5)"),
+        t1=t.positive("t1", rfc.t1, "use seconds > 0 (RFC 3261: 0.5)"),
+        t2=t.positive("t2", rfc.t2, "use seconds > 0 (RFC 3261: 4)"),
+        t4=t.positive("t4", rfc.t4, "use seconds > 0 (RFC 3261: 5)"),
     )
     t.finish()
 
     x = _Reader(_table(data, "xdp"), "xdp")
-    mode = x.get("mode", str, "auto", "use auto, native or generic")
+    xd = XdpConfig()
+    mode = x.get("mode", str, xd.mode, "use auto, native or generic")
     if mode not in ("auto", "native", "generic"):
         raise ConfigError(f"xdp.mode = {mode!r} is invalid: use auto, native or generic")
     xdp = XdpConfig(
-        enabled=x.get("enabled", bool, True, "use true or false"),
+        enabled=x.get("enabled", bool, xd.enabled, "use true or false"),
         interfaces=_interfaces(x),
         mode=mode,
         udp_ports=tuple(
-            _port(v, "xdp.udp_ports") for v in x.int_list("udp_ports", (5060,), "use ports")
+            _port(v, "xdp.udp_ports") for v in x.int_list("udp_ports", xd.udp_ports, "use ports")
         ),
         tcp_ports=tuple(
-            _port(v, "xdp.tcp_ports") for v in x.int_list("tcp_ports", (5060, 5061), "use ports")
+            _port(v, "xdp.tcp_ports") for v in x.int_list("tcp_ports", xd.tcp_ports, "use ports")
         ),
-        pin_dir=x.get("pin_dir", str, "/sys/fs/bpf/clearip", "use a path under /sys/fs/bpf"),
-        replace_foreign=x.get("replace_foreign", bool, False, "use true or false"),
+        pin_dir=x.get("pin_dir", str, xd.pin_dir, "use a path under /sys/fs/bpf"),
+        replace_foreign=x.get("replace_foreign", bool, xd.replace_foreign, "use true or false"),
     )
     x.finish()
 
     lg = _Reader(_table(data, "log"), "log")
-    level = lg.get("level", str, "info", "use debug, info, warning or error").lower()
+    level = lg.get("level", str, defaults.log_level, "use debug, info, warning or error").lower()
     if level not in LOG_LEVELS:
         raise ConfigError(f"log.level = {level!r} is invalid: use debug, info, warning or error")
-    fmt = lg.get("format", str, "text", "use text or json").lower()
+    fmt = lg.get("format", str, defaults.log_format, "use text or json").lower()
     if fmt not in ("text", "json"):
         raise ConfigError(f"log.format = {fmt!r} is invalid: use text or json")
     lg.finish()
 
     m = _Reader(_table(data, "metrics"), "metrics")
-    metrics_enabled = m.get("enabled", bool, True, "use true or false")
-    metrics_address = m.get("address", str, "127.0.0.1", "use an IP address")
-    metrics_port = _port(m.get("port", int, 9477, "use a port number"), "metrics.port")
+    metrics_enabled = m.get("enabled", bool, defaults.metrics_enabled, "use true or false")
+    metrics_address = m.get("address", str, defaults.metrics_address, "use an IP address")
+    metrics_port = _port(
+        m.get("port", int, defaults.metrics_port, "use a port number"), "metrics.port"
+    )
     m.finish()
     return config.with_changes(
         timers=timers,
