@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lab.procs import stop_process
+
 ROOT = Path(__file__).resolve().parents[1]
 ANCHORS = ROOT.parent / "shared" / "anchors"
 SIPP_ANCHORS = ANCHORS / "sipp"
@@ -249,13 +251,7 @@ def spawn(name: str, argv: Sequence[str], workdir: Path, cwd: Path | None = None
 
 def stop(proc: Proc, timeout: float = 10.0) -> None:
     """Stop one process we started, then its companions (by their own pids; never by name)."""
-    if proc.popen.poll() is None:
-        proc.popen.terminate()
-        try:
-            proc.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.popen.kill()
-            proc.popen.wait(5)
+    stop_process(proc.popen, timeout)
     for companion in proc.companions:
         stop(companion, timeout)
 

@@ -60,7 +60,7 @@ from pathlib import Path
 from bench import xdp_cost
 from clearip.bpf.loader import EdgeFilter, detach_pinned
 from clearip.relay.trust import Role, TrustEntry, parse_cidr
-from tests.netns import Topology, build, destroy
+from lab.netns import Topology, build, destroy
 
 CONFIGS = ("none", "userspace", "nftables", "xdp-filter", "xdp-generic", "xdp-native")
 SOURCES = ("fixed", "random")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from clearip.relay.demo.sipp import SIPP_CALLS, scenario_file
-from tests.proxy_harness import stop_process, wait_for
+from lab.proxy_harness import stop_process, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from clearip.relay.emulator.passport import parse_identity, verify_identity
 from clearip.relay.sip.message import Response
 from clearip.relay.sip.parser import parse_message
-from tests.sipp import Sipp, free_port, start_sipp
+from lab.sipp import Sipp, free_port, start_sipp
 
 SCENARIOS = Path(__file__).with_name("sipp")
 X5U = "https://cert.test/shaken.pem"

@@ -19,14 +19,14 @@ import pytest
 from clearip.relay.sip.framing import StreamFramer
 from clearip.relay.sip.message import Request
 from clearip.relay.sip.parser import parse_message
-from tests.proxy_harness import (
+from lab.proxy_harness import (
     SWITCH_IP,
     ThreadedProxy,
     threaded_proxy,
     wait_for,
     write_config,
 )
-from tests.sipp import free_port, start_sipp, uac_scenario
+from lab.sipp import free_port, start_sipp, uac_scenario
 
 pytestmark = [pytest.mark.sipp, pytest.mark.slow]
 

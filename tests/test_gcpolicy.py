@@ -6,8 +6,8 @@ import asyncio
 import gc
 from collections import Counter
 
-from bench.core_calls import Driver
 from clearip.relay.gcpolicy import run_policy, start_policy
+from lab.core_driver import Driver
 
 
 def test_calls_leave_nothing_for_the_cycle_collector() -> None:

@@ -38,7 +38,7 @@ from clearip.relay.sip.message import Message
 from clearip.relay.sip.parser import parse_message
 from clearip.relay.transport.endpoint import SipEndpoint
 from clearip.relay.transport.peer import ListenerSpec, Peer
-from tests.proxy_harness import (
+from lab.proxy_harness import (
     PROVIDER_A_IP,
     SWITCH_IP,
     ThreadedProxy,
@@ -46,7 +46,7 @@ from tests.proxy_harness import (
     wait_for,
     write_config,
 )
-from tests.sipp import (
+from lab.sipp import (
     Sipp,
     clearip_scenario,
     free_port,

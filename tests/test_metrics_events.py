@@ -15,8 +15,8 @@ import pytest
 from clearip.relay.proxy.routing import STATEFUL_PREFIX, loop_hash
 from clearip.relay.sip.message import Request
 from clearip.relay.sip.parser import parse_message
-from tests.proxy_harness import SWITCH_IP, ThreadedProxy, threaded_proxy, wait_for, write_config
-from tests.sipp import clearip_scenario, free_port, sipp_uas
+from lab.proxy_harness import SWITCH_IP, ThreadedProxy, threaded_proxy, wait_for, write_config
+from lab.sipp import clearip_scenario, free_port, sipp_uas
 
 pytestmark = [pytest.mark.sipp, pytest.mark.slow]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.proxy_harness import PROVIDER_A_IP, SWITCH_IP, threaded_proxy, write_config
-from tests.sipp import clearip_scenario, free_port, sipp_uas, start_sipp, uac_scenario, uas_scenario
+from lab.proxy_harness import PROVIDER_A_IP, SWITCH_IP, threaded_proxy, write_config
+from lab.sipp import clearip_scenario, free_port, sipp_uas, start_sipp, uac_scenario, uas_scenario
 
 
 def _scrape(port: int) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.proxy_harness import (
+from lab.proxy_harness import (
     PROVIDER_A_IP,
     PROVIDER_B_IP,
     SWITCH_IP,
@@ -26,7 +26,7 @@ from tests.proxy_harness import (
     wait_for,
     write_config,
 )
-from tests.sipp import (
+from lab.sipp import (
     Sipp,
     clearip_scenario,
     free_port,

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from clearip.relay.labca import make_lab_certificates
-from tests.proxy_harness import PROVIDER_A_IP, SWITCH_IP, threaded_proxy, write_config
-from tests.sipp import (
+from lab.proxy_harness import PROVIDER_A_IP, SWITCH_IP, threaded_proxy, write_config
+from lab.sipp import (
     free_port,
     sipp_uas,
     start_sipp,

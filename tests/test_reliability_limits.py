@@ -23,7 +23,7 @@ import pytest
 
 from clearip.relay.sip.message import Response
 from clearip.relay.sip.parser import parse_message
-from tests.proxy_harness import (
+from lab.proxy_harness import (
     PROVIDER_A_IP,
     PROVIDER_B_IP,
     SWITCH_IP,
@@ -32,8 +32,8 @@ from tests.proxy_harness import (
     wait_for,
     write_config,
 )
-from tests.reliability import emulator
-from tests.sipp import free_port
+from lab.reliability import emulator
+from lab.sipp import free_port
 
 pytestmark = [pytest.mark.slow]
 

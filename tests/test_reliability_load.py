@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.faults import KINDS, run
+from lab.faults import KINDS, run
 
 pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.sipp, pytest.mark.slow]
 

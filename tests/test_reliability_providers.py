@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.proxy_harness import (
+from lab.proxy_harness import (
     PROVIDER_A_IP,
     PROVIDER_B_IP,
     SWITCH_IP,
@@ -26,8 +26,8 @@ from tests.proxy_harness import (
     wait_for,
     write_config,
 )
-from tests.reliability import UdpPeer, answer, any_final_uac, emulator, outcomes, sdp, settled
-from tests.sipp import Sipp, free_port, sipp_uas, start_sipp, uac_scenario, uas_scenario
+from lab.reliability import UdpPeer, answer, any_final_uac, emulator, outcomes, sdp, settled
+from lab.sipp import Sipp, free_port, sipp_uas, start_sipp, uac_scenario, uas_scenario
 from tests.test_faults import FakeClearIP
 
 pytestmark = [pytest.mark.sipp, pytest.mark.slow]

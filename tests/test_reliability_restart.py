@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.proxy_harness import PROVIDER_A_IP, SWITCH_IP, proxy_process, wait_for, write_config
-from tests.reliability import any_final_uac, emulator, outcomes, uas_any_call
-from tests.sipp import free_port, sipp_uas, start_sipp, uac_scenario
+from lab.proxy_harness import PROVIDER_A_IP, SWITCH_IP, proxy_process, wait_for, write_config
+from lab.reliability import any_final_uac, emulator, outcomes, uas_any_call
+from lab.sipp import free_port, sipp_uas, start_sipp, uac_scenario
 
 pytestmark = [pytest.mark.sipp, pytest.mark.slow]
 

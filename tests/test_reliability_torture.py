@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns
 
-from tests.netns import loopback_namespace, ns_exec
-from tests.proxy_harness import SWITCH_IP, ThreadedProxy, write_config
-from tests.reliability import emulator
-from tests.sipp import free_port
+from lab.netns import loopback_namespace, ns_exec
+from lab.proxy_harness import SWITCH_IP, ThreadedProxy, write_config
+from lab.reliability import emulator
+from lab.sipp import free_port
 from tests.test_rfc4475 import VERDICTS, _corpus
 
 pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.slow]

@@ -20,9 +20,9 @@ import pytest
 
 from clearip.ctl.cli import Client
 from clearip.relay.trust import Role
-from tests.proxy_harness import SWITCH_IP, UNTRUSTED_IP, proxy_process, wait_for, write_config
-from tests.sipp import Sipp, clearip_scenario, free_port, sipp_uas, start_sipp, uac_scenario
-from tests.sipp import uas_scenario as uas
+from lab.proxy_harness import SWITCH_IP, UNTRUSTED_IP, proxy_process, wait_for, write_config
+from lab.sipp import Sipp, clearip_scenario, free_port, sipp_uas, start_sipp, uac_scenario
+from lab.sipp import uas_scenario as uas
 
 DIALLED = "12125550100"
 

@@ -24,7 +24,7 @@ from clearip.relay.sip.message import Request
 from clearip.relay.sip.transaction.timers import TimerSettings
 from clearip.relay.transport.peer import ListenerSpec, LocalAddress, Peer
 from clearip.relay.trust import Role, save_trust_file
-from tests.proxy_harness import write_config
+from lab.proxy_harness import write_config
 from tests.test_policy import CARRIER, NEW, SWITCH, FakeKernel
 from tests.test_proxy_core import CLEARIP, invite, reply_to, sent
 

@@ -37,7 +37,7 @@ from clearip.bpf.reuseport import (
     socket_cookie,
 )
 from clearip.bpf.steering import call_id_hash, find_call_id, worker_for
-from tests.netns import unique_tag
+from lab.netns import unique_tag
 
 EMERGENCY = ("911", "933")
 SO_RCVBUFFORCE = 33

@@ -25,9 +25,9 @@ from clearip.relay.config import ConfigError, config_from_data
 from clearip.relay.transport.endpoint import SipEndpoint
 from clearip.relay.transport.peer import Peer
 from clearip.relay.transport.tls import ClientTls, FailureLog, failure_reason
-from tests.proxy_harness import PROVIDER_A_IP, SWITCH_IP, ThreadedProxy, threaded_proxy, wait_for
-from tests.proxy_harness import write_config as harness_config
-from tests.sipp import free_port, sipp_uas, start_sipp, uac_scenario, uas_scenario
+from lab.proxy_harness import PROVIDER_A_IP, SWITCH_IP, ThreadedProxy, threaded_proxy, wait_for
+from lab.proxy_harness import write_config as harness_config
+from lab.sipp import free_port, sipp_uas, start_sipp, uac_scenario, uas_scenario
 from tests.test_proxy_tls import _emulator
 
 DIALLED = "12125550100"

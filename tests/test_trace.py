@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.proxy_harness import PROVIDER_A_IP, SWITCH_IP, threaded_proxy
-from tests.sipp import free_port, sipp_uas, start_sipp, uac_scenario, uas_scenario
+from lab.proxy_harness import PROVIDER_A_IP, SWITCH_IP, threaded_proxy
+from lab.sipp import free_port, sipp_uas, start_sipp, uac_scenario, uas_scenario
 from tests.test_proxy_tls import _config, _emulator, _rules
 
 pytestmark = [pytest.mark.sipp, pytest.mark.slow]

@@ -26,8 +26,8 @@ import trustme
 
 from clearip.relay.sip.framing import PONG, Ping, StreamFramer
 from clearip.relay.trust import Role
-from tests.proxy_harness import SWITCH_IP, ThreadedProxy, threaded_proxy, wait_for, write_config
-from tests.sipp import Sipp, free_port, start_sipp, uac_scenario
+from lab.proxy_harness import SWITCH_IP, ThreadedProxy, threaded_proxy, wait_for, write_config
+from lab.sipp import Sipp, free_port, start_sipp, uac_scenario
 
 BLOCKED = "12125550199"
 CLEARIP_UDP_IP = "127.0.0.5"  # not in the trust list: only the link makes its answers welcome

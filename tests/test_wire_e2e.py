@@ -25,8 +25,8 @@ import pytest
 import trustme
 from pyroute2 import netns
 
-from tests.netns import loopback_namespace, ns_exec
-from tests.proxy_harness import (
+from lab.netns import loopback_namespace, ns_exec
+from lab.proxy_harness import (
     PROVIDER_A_IP,
     PROVIDER_B_IP,
     SWITCH_IP,
@@ -35,7 +35,7 @@ from tests.proxy_harness import (
     wait_for,
     write_config,
 )
-from tests.sipp import (
+from lab.sipp import (
     Sipp,
     clearip_scenario,
     free_port,

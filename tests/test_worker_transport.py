@@ -44,7 +44,7 @@ from clearip.relay.transport.handoff import (
 )
 from clearip.relay.transport.peer import ListenerSpec, LocalAddress, Peer, response_peer
 from clearip.relay.worker_role import WorkerRole
-from tests.netns import unique_tag
+from lab.netns import unique_tag
 
 EMERGENCY = ("911",)
 HOST = "127.0.0.1"

@@ -48,10 +48,10 @@ from clearip.relay.reload import plan_reload
 from clearip.relay.supervisor import bpffs_problem, exit_status
 from clearip.relay.transport.peer import ListenerSpec
 from clearip.relay.worker_role import WorkerRole
-from tests.netns import loopback_namespace, ns_exec, unique_tag
-from tests.proxy_harness import SWITCH_IP, proxy_process, stop_process, wait_for, write_config
-from tests.reliability import any_final_uac, outcomes
-from tests.sipp import (
+from lab.netns import loopback_namespace, ns_exec, unique_tag
+from lab.proxy_harness import SWITCH_IP, proxy_process, stop_process, wait_for, write_config
+from lab.reliability import any_final_uac, outcomes
+from lab.sipp import (
     _ACK_NON2XX,
     _HEAD,
     _INVITE,

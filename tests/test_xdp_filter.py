@@ -30,7 +30,7 @@ from clearip.bpf.loader import EdgeFilter, FilterUnavailable, attached_programs,
 from clearip.relay.emergency import EmergencyNumbers
 from clearip.relay.policy import SourcePolicy
 from clearip.relay.trust import Role, TrustEntry, TrustList, parse_cidr, save_trust_file
-from tests.netns import Topology, build, destroy, in_namespace, unique_tag
+from lab.netns import Topology, build, destroy, in_namespace, unique_tag
 
 pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.xdp]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns import Topology, topology
+from lab.netns import Topology, topology
 
 pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.xdp]
 

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab.procs import stop_process
+
 SDP = """v=0
 o=sipp 1 1 IN IP4 [local_ip]
 s=-
@@ -264,13 +266,7 @@ class Sipp:
             raise
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 5)
 
 
 def start_sipp(

@@ -1,4 +1,4 @@
-"""Test-suite conventions.
+"""Test-suite conventions, for the tests in tests/ and the benchmarks' own tests in bench/.
 
 Tests that need root, network namespaces, XDP or SIPp carry a marker. Under ``CI=true`` a missing
 prerequisite fails the test: CI must never pass by skipping. Elsewhere such tests skip with a

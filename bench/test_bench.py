@@ -245,7 +245,7 @@ def test_calls_smoke_prints_a_clean_table() -> None:
 BENCH_MAINS = sorted(
     path.stem
     for path in (ROOT / "bench").glob("*.py")
-    if 'if __name__ == "__main__":' in path.read_text()
+    if not path.stem.startswith("test_") and 'if __name__ == "__main__":' in path.read_text()
 )
 
 

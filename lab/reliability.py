@@ -29,8 +29,8 @@ from pathlib import Path
 from clearip.relay.daemon import Daemon
 from clearip.relay.sip.message import Request
 from clearip.relay.sip.parser import parse_message
-from tests.proxy_harness import ThreadedProxy, stop_process
-from tests.sipp import _INVITE, SDP, Sipp
+from lab.proxy_harness import ThreadedProxy, stop_process
+from lab.sipp import _INVITE, SDP, Sipp
 
 UdpBehaviour = Callable[[socket.socket, bytes, tuple[str, int], "UdpPeer"], None]
 

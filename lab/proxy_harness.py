@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from clearip.relay.config import load_config
 from clearip.relay.daemon import Daemon
 from clearip.relay.trust import Role, TrustEntry, parse_cidr, save_trust_file
+from lab.procs import stop_process
 
 T = TypeVar("T")
 
@@ -188,17 +189,6 @@ def proxy_process(
     finally:
         stop_process(process)
         log.close()
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within 10 s."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
