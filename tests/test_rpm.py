@@ -358,11 +358,13 @@ def test_payload_runs_the_compiled_core(built: Built, tmp_path: Path) -> None:
     need(TARGET_PYTHON)
     prefix = built.payload / "opt/clearip-proxy"
     probe = "import clearip.relay as r; from clearip.relay.sip import parser; "
-    probe += "print(r.core_build(), parser.__file__)"
+    probe += "from clearip.relay import dispatch; from clearip.relay.transport import udp; "
+    probe += "print(r.core_build(), parser.__file__, dispatch.__file__, udp.__file__)"
     result = run(
         prefix / "bin/python3", "-I", "-B", "-c", probe, env=payload_env(built), cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
-    build, parser_file = result.stdout.split()
+    build, *files = result.stdout.split()
     assert build == "compiled", result.stdout + result.stderr
-    assert parser_file.startswith(str(prefix)) and parser_file.endswith(".so"), parser_file
+    for file in files:  # the core and the shell modules every message goes through
+        assert file.startswith(str(prefix)) and file.endswith(".so"), file
