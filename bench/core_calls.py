@@ -16,7 +16,7 @@ import cProfile
 import gc
 import sys
 
-from clearip.relay.gcpolicy import FREEZE_INTERVAL, start_policy
+from clearip.relay.service.gc_tuning import FREEZE_INTERVAL, start_policy
 from lab.core_driver import CALL_INTERVAL, Driver, core_build
 
 

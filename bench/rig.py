@@ -511,7 +511,7 @@ def tls_standin_name() -> str:
 
 def _sipp_behind_stunnel(workdir: Path, ports: Ports, name: str) -> Proc:
     """TLS on ``ports.emulator_tls``, terminated by stunnel and relayed to SIPp over TCP."""
-    from clearip.relay.labca import make_lab_certificates
+    from clearip.relay.labkit.labca import make_lab_certificates
 
     backend = start_clearip_standin(workdir, ports, "tcp", name=f"{name}-sipp")
     try:

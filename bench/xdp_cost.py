@@ -42,7 +42,7 @@ from typing import Any
 
 from clearip.bpf import syscall
 from clearip.bpf.loader import EdgeFilter, port_words
-from clearip.relay.trust import Role, TrustEntry, parse_cidr
+from clearip.relay.policy.trust import Role, TrustEntry, parse_cidr
 
 TRUSTED, UNTRUSTED, PROXY = "10.0.0.1", "10.0.0.2", "10.0.0.9"
 BPF_XDP_ATTACH = 37  # enum bpf_attach_type BPF_XDP: libbpf loads XDP programs with it

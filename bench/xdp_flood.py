@@ -59,7 +59,7 @@ from pathlib import Path
 
 from bench import xdp_cost
 from clearip.bpf.loader import EdgeFilter, detach_pinned
-from clearip.relay.trust import Role, TrustEntry, parse_cidr
+from clearip.relay.policy.trust import Role, TrustEntry, parse_cidr
 from lab.netns import Topology, build, destroy
 
 CONFIGS = ("none", "userspace", "nftables", "xdp-filter", "xdp-generic", "xdp-native")

@@ -67,8 +67,8 @@ from pathlib import Path
 from typing import Any
 
 from clearip.bpf import syscall
-from clearip.relay.emergency import validate_number
-from clearip.relay.trust import IPNetwork, Role, TrustEntry
+from clearip.relay.policy.emergency import validate_number
+from clearip.relay.policy.trust import IPNetwork, Role, TrustEntry
 
 log = logging.getLogger("clearip.xdp")
 

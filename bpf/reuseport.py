@@ -56,7 +56,7 @@ from typing import Any
 from clearip.bpf import bpfmaps, syscall
 from clearip.bpf.loader import FilterUnavailable, install_hint
 from clearip.bpf.steering import MAX_WORKERS, OUTCOMES
-from clearip.relay.emergency import validate_number
+from clearip.relay.policy.emergency import validate_number
 
 SOURCE = Path(__file__).with_name("reuseport.c")
 DEFAULT_PIN_DIR = "/sys/fs/bpf/clearip-reuseport"

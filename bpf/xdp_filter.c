@@ -31,7 +31,7 @@
 // - Emergency marking: a UDP datagram to a SIP port from a trusted source that starts with
 //   "INVITE sip:", "INVITE sips:" or "INVITE tel:" (scheme in any case) followed by a number in
 //   the `emergency` map (digits only, at most 15, one leading '+' and the visual separators
-//   - . ( ) skipped, as relay/emergency.py normalises) and then '@', ';', ' ', '>' or '?' gets
+//   - . ( ) skipped, as relay/policy/emergency.py normalises) and then '@', ';', ' ', '>' or '?' gets
 //   DSCP EF (46) in the IPv4 TOS (checksum fixed incrementally, ECN bits kept) or the IPv6
 //   traffic class (ECN bits kept), and is counted. Only the first fragment of a fragmented
 //   INVITE is marked; the reassembled datagram carries the first fragment's TOS.

@@ -17,8 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clearip.relay.reload import report_lines
-from clearip.relay.trust import (
+from clearip.relay.policy.trust import (
     TrustEntry,
     TrustError,
     load_trust_file,
@@ -28,6 +27,7 @@ from clearip.relay.trust import (
     trust_list_from_data,
     trust_list_from_text,
 )
+from clearip.relay.service.reload import report_lines
 
 DEFAULT_SOCKET = "/run/clearip-proxy/control.sock"
 DEFAULT_TRUST_FILE = "/etc/clearip-proxy/trust.toml"
@@ -251,7 +251,7 @@ def _print_trust(entries: list[dict[str, str]], args: argparse.Namespace) -> int
 
 
 def trace(args: argparse.Namespace) -> int:
-    from clearip.relay.trace import PCAP_HEADER, pcap_record, render_text
+    from clearip.relay.service.trace import PCAP_HEADER, pcap_record, render_text
 
     hep = None
     if args.hep:
@@ -313,7 +313,7 @@ class _HepSender:
     """clearipctl trace --hep: each trace record as one HEPv3 datagram (Call-ID correlated)."""
 
     def __init__(self, address: str, capture_id: int, password: str) -> None:
-        from clearip.relay.hep import parse_address
+        from clearip.relay.service.hep import parse_address
 
         if not 0 <= capture_id <= 0xFFFFFFFF:
             raise ValueError(f"capture id {capture_id}: use 0 to 4294967295")
@@ -330,7 +330,7 @@ class _HepSender:
         self.sent = self.failed = 0
 
     def send(self, item: dict[str, Any]) -> None:
-        from clearip.relay.hep import HepError, encode, record_for
+        from clearip.relay.service.hep import HepError, encode, record_for
 
         try:
             data = encode(

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections import Counter
 
 from clearip.relay.config import ProxyConfig
-from clearip.relay.emergency import EmergencyNumbers
+from clearip.relay.policy.emergency import EmergencyNumbers
+from clearip.relay.policy.trust import Role
 from clearip.relay.proxy.core import ProxyCore
 from clearip.relay.proxy.routing import Locality
 from clearip.relay.sip.badrequest import build_bad_request
@@ -18,7 +19,6 @@ from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.framing import StreamFramer
 from clearip.relay.sip.parser import parse_message
 from clearip.relay.transport.peer import LocalAddress, Peer
-from clearip.relay.trust import Role
 
 SOURCE = Peer("udp", "192.0.2.10", 5060)
 UPSTREAM = Peer("tls", "198.51.100.1", 5061, conn=1)

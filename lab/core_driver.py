@@ -2,7 +2,7 @@
 
 :class:`Driver` runs the outbound flow through the parser, ``ProxyCore.on_message``, the timer
 bookkeeping the daemon does and the serialiser, and times only the proxy's side. Used by
-``bench/core_calls.py`` (microseconds per call) and ``tests/test_gcpolicy.py`` (a call leaves
+``bench/core_calls.py`` (microseconds per call) and ``tests/test_gc_tuning.py`` (a call leaves
 nothing for the garbage collector). Imports only the product, so a copy runs against an older
 checkout for a before/after comparison.
 """
@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from clearip.relay.config import load_config
-from clearip.relay.emergency import EmergencyNumbers
+from clearip.relay.policy.emergency import EmergencyNumbers
+from clearip.relay.policy.trust import Role
 from clearip.relay.proxy.core import ProxyCore
 from clearip.relay.proxy.effects import CancelTimer, Send, StartTimer
 from clearip.relay.proxy.routing import Locality
 from clearip.relay.sip.parser import parse_message
 from clearip.relay.transport.peer import LocalAddress, Peer
-from clearip.relay.trust import Role
 
 try:
     from clearip.relay import core_build

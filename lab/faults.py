@@ -45,7 +45,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clearip.relay.trust import Role, TrustEntry, parse_cidr, save_trust_file
+from clearip.relay.policy.trust import Role, TrustEntry, parse_cidr, save_trust_file
 from lab.netns import loopback_namespace, ns_exec
 from lab.proxy_harness import PROVIDER_A_IP, PROVIDER_B_IP, SWITCH_IP, proxy_process
 from lab.reliability import (

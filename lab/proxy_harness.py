@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from clearip.relay.config import load_config
-from clearip.relay.daemon import Daemon
-from clearip.relay.trust import Role, TrustEntry, parse_cidr, save_trust_file
+from clearip.relay.policy.trust import Role, TrustEntry, parse_cidr, save_trust_file
+from clearip.relay.service.daemon import Daemon
 from lab.procs import stop_process
 
 T = TypeVar("T")

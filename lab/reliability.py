@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from clearip.relay.daemon import Daemon
+from clearip.relay.service.daemon import Daemon
 from clearip.relay.sip.message import Request
 from clearip.relay.sip.parser import parse_message
 from lab.proxy_harness import ThreadedProxy, stop_process
@@ -129,7 +129,7 @@ def emulator(
     listen: tuple[str, ...] = ("--tcp", "127.0.0.1:0"),
     prefix: list[str] | None = None,
 ) -> Iterator[dict[str, int]]:
-    """The ClearIP emulator (``python -m clearip.relay.emulator``) with ``rules``; yields its
+    """The ClearIP emulator (``python -m clearip.relay.labkit.emulator``) with ``rules``; yields its
     ports by transport. Its counters land in ``directory/emulator-stats.json`` on exit."""
     (directory / "rules.toml").write_text(rules)
     ready = directory / "emulator-ready.json"
@@ -138,7 +138,7 @@ def emulator(
     process = subprocess.Popen(
         [
             *(prefix or []),
-            sys.executable, "-m", "clearip.relay.emulator",
+            sys.executable, "-m", "clearip.relay.labkit.emulator",
             "--rules", str(directory / "rules.toml"), *listen, "--ready-file", str(ready),
             "--stats-file", str(directory / "emulator-stats.json"),
         ],

@@ -82,7 +82,7 @@ def _packaged_config() -> str:
 
 def _check_config(path: str) -> int:
     from clearip.relay.config import ConfigError, load_config
-    from clearip.relay.trust import TrustError, load_trust_file
+    from clearip.relay.policy.trust import TrustError, load_trust_file
 
     try:
         config = load_config(path)
@@ -108,8 +108,8 @@ def _check_config(path: str) -> int:
 
 def _run(path: str) -> int:
     from clearip.relay.config import ConfigError, load_config
-    from clearip.relay.daemon import Daemon, setup_logging
-    from clearip.relay.trust import TrustError
+    from clearip.relay.policy.trust import TrustError
+    from clearip.relay.service.daemon import Daemon, setup_logging
 
     try:
         config = load_config(path)
@@ -118,7 +118,7 @@ def _run(path: str) -> int:
         return EXIT_CONFIG
     setup_logging(config.log_level, config.log_format)
     if config.worker_count() > 1:
-        from clearip.relay.supervisor import Supervisor
+        from clearip.relay.service.supervisor import Supervisor
 
         try:
             supervisor = Supervisor(config, path)
@@ -150,10 +150,10 @@ def _worker(args: argparse.Namespace) -> int:
     import os
 
     from clearip.relay.config import ConfigError, load_config
-    from clearip.relay.daemon import Daemon, setup_logging
-    from clearip.relay.reload import plan_reload
-    from clearip.relay.trust import TrustError
-    from clearip.relay.worker_role import WorkerRole
+    from clearip.relay.policy.trust import TrustError
+    from clearip.relay.service.daemon import Daemon, setup_logging
+    from clearip.relay.service.reload import plan_reload
+    from clearip.relay.service.worker_role import WorkerRole
 
     if args.supervisor:
         _stop_with_parent(args.supervisor)
@@ -212,7 +212,7 @@ def _reload(path: str) -> int:
     """Ask the daemon (over its control socket) to reload, and print what changed."""
     from clearip.ctl.cli import Client, DaemonDown, DaemonError
     from clearip.relay.config import ConfigError, ProxyConfig, load_config
-    from clearip.relay.reload import report_lines
+    from clearip.relay.service.reload import report_lines
 
     local_error: ConfigError | None = None
     try:
@@ -270,7 +270,7 @@ def _use_uvloop() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["emulate"]:
-        from clearip.relay.emulator.cli import main as emulate_main
+        from clearip.relay.labkit.emulator.cli import main as emulate_main
 
         return emulate_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "reload":
         return _reload(args.config)
     if args.command == "demo":
-        from clearip.relay.demo import main as demo_main
+        from clearip.relay.labkit.demo import main as demo_main
 
         return demo_main(json_output=args.json, keep_running=args.keep_running, xdp=args.xdp)
     return EXIT_ERROR

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from clearip.bpf.steering import MAX_WORKERS
-from clearip.relay.emergency import DEFAULT_NUMBERS, validate_number
-from clearip.relay.hep import parse_address
+from clearip.relay.policy.emergency import DEFAULT_NUMBERS, validate_number
+from clearip.relay.service.hep import parse_address
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.transaction.timers import TimerSettings
 from clearip.relay.sip.uri import SipUri, parse_uri

@@ -16,9 +16,9 @@ COMPILED_PACKAGES = ("sip", "proxy")
 #: Modules outside those packages on every message's path, compiled too: the UDP socket
 #: reader, the effect interpreter and its timer wheel, the emergency-number check.
 COMPILED_MODULES = (
-    "timerwheel.py",
-    "dispatch.py",
-    "emergency.py",
+    os.path.join("service", "timerwheel.py"),
+    os.path.join("service", "dispatch.py"),
+    os.path.join("policy", "emergency.py"),
     os.path.join("transport", "udp.py"),
 )
 

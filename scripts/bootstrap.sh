@@ -136,9 +136,14 @@ stamp="$venv/.installed$(printf '%s' "$extras" | tr -d '[]')"
 toolchain=$("$venv/bin/python" -c 'import os, shutil, sysconfig
 print(shutil.which((os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]),
       os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))')
-want=$( { cat "$here/pyproject.toml" "$here/setup.py"; echo "$toolchain"
-          find "$here/relay/sip" "$here/relay/proxy" -name '*.py' | sort | xargs cat; } \
-        | sha256sum | cut -d' ' -f1)
+# The compiled sources are the ones relay/coresources.py names (loaded by path: importing the
+# relay package would run its start-up checks).
+core=$("$venv/bin/python" -c 'import importlib.util, sys
+spec = importlib.util.spec_from_file_location("cs", sys.argv[1] + "/relay/coresources.py")
+cs = importlib.util.module_from_spec(spec); spec.loader.exec_module(cs)
+print(cs.core_digest(sys.argv[1] + "/relay"))' "$here")
+want=$( { cat "$here/pyproject.toml" "$here/setup.py" "$here/relay/coresources.py"
+          echo "$toolchain $core"; } | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     say "installing the project into $venv ${extras:+with $extras} (compiling the SIP core)"
     log="$venv/pip-install.log"

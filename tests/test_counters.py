@@ -1,12 +1,12 @@
-"""Counters are declared once (relay/counters.py): every key the product increments is in the
-table, and README's counter table is the generated one."""
+"""Counters are declared once (relay/service/counters.py): every key the product increments is in
+the table, and README's counter table is the generated one."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from clearip.relay.counters import COUNTERS, markdown_table, spec_for
+from clearip.relay.service.counters import COUNTERS, markdown_table, spec_for
 
 ROOT = Path(__file__).resolve().parents[1]
 # counters["key"] / counters[f"prefix{...}"] in the relay (the lab emulator has its own).
@@ -43,7 +43,7 @@ def test_every_incremented_counter_is_declared() -> None:
                 undeclared.append(f"{key}... (a family prefix)")
         elif spec_for(key) is None:
             undeclared.append(key)
-    assert not undeclared, f"declare these in relay/counters.py: {undeclared}"
+    assert not undeclared, f"declare these in relay/service/counters.py: {undeclared}"
 
 
 def test_declarations_are_unique_and_named_like_prometheus_counters() -> None:
@@ -67,4 +67,4 @@ def test_readme_counter_table_is_generated() -> None:
     begin, end = "<!-- counters:begin -->\n", "<!-- counters:end -->"
     assert begin in readme and end in readme, "README lost its counter table markers"
     table = readme.split(begin, 1)[1].split(end, 1)[0]
-    assert table == markdown_table(), "regenerate: python -m clearip.relay.counters"
+    assert table == markdown_table(), "regenerate: python -m clearip.relay.service.counters"

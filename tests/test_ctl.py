@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from clearip.relay.control import ControlServer
-from clearip.relay.emergency import EmergencyNumbers
-from clearip.relay.policy import SourcePolicy
-from clearip.relay.trust import TrustList, load_trust_file
+from clearip.relay.policy.emergency import EmergencyNumbers
+from clearip.relay.policy.sources import SourcePolicy
+from clearip.relay.policy.trust import TrustList, load_trust_file
+from clearip.relay.service.control import ControlServer
 
 ONE_SWITCH = '[[source]]\ncidr = "192.0.2.1/32"\nrole = "switch"\n'
 

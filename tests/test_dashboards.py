@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from clearip.relay.latency import LatencyHistogram
-from clearip.relay.metrics import registry_for
+from clearip.relay.proxy.latency import LatencyHistogram
+from clearip.relay.service.metrics import registry_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "packaging" / "grafana" / "clearip-proxy-dashboard.json"
 RULES = ROOT / "packaging" / "prometheus" / "clearip-proxy-alerts.yml"
 RULE_TESTS = ROOT / "packaging" / "prometheus" / "tests"
 # Metrics the alerts and the dashboard use that /metrics does not export yet (none: every
-# declared counter of relay/counters.py is exported).
+# declared counter of relay/service/counters.py is exported).
 PENDING: set[str] = set()
 
 

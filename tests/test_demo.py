@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from clearip.relay.demo.sipp import SIPP_CALLS, scenario_file
+from clearip.relay.labkit.demo.sipp import SIPP_CALLS, scenario_file
 from lab.proxy_harness import stop_process, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,8 +219,8 @@ def test_the_sipp_scenarios_ship_as_package_data() -> None:
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"
     ]
-    assert "scenarios/*.xml" in package_data["clearip.relay.demo"]
-    shipped = sorted(p.name for p in (ROOT / "relay/demo/scenarios").glob("*.xml"))
+    assert "scenarios/*.xml" in package_data["clearip.relay.labkit.demo"]
+    shipped = sorted(p.name for p in (ROOT / "relay/labkit/demo/scenarios").glob("*.xml"))
     assert shipped == sorted(call.scenario for call in SIPP_CALLS)
     for call in SIPP_CALLS:
         text = scenario_file(call.scenario).read_text()

@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import pytest
 
-from clearip.relay.emulator import (
+from clearip.relay.labkit.emulator import (
     DEFAULT_RULES,
     Emulator,
     EmulatorConfig,
@@ -28,9 +28,9 @@ from clearip.relay.emulator import (
     run_emulator,
     start_emulator,
 )
-from clearip.relay.emulator.passport import Signer, verify_identity
-from clearip.relay.emulator.responses import build_response, q_value, trying
-from clearip.relay.emulator.server import print_counters, signer_for
+from clearip.relay.labkit.emulator.passport import Signer, verify_identity
+from clearip.relay.labkit.emulator.responses import build_response, q_value, trying
+from clearip.relay.labkit.emulator.server import print_counters, signer_for
 from clearip.relay.sip.message import Request, Response
 from clearip.relay.sip.parser import parse_message
 from clearip.relay.sip.transaction.timers import TimerSettings
@@ -220,7 +220,7 @@ def test_bad_rules_name_the_file_the_rule_and_the_fix(rule: dict[str, Any], need
     ],
 )
 def test_bad_tables_name_the_file_and_the_fix(data: dict[str, Any], needle: str) -> None:
-    from clearip.relay.emulator.config import config_from_data
+    from clearip.relay.labkit.emulator.config import config_from_data
 
     with pytest.raises(RulesError) as info:
         config_from_data(data, "lab.toml")
@@ -591,7 +591,7 @@ def test_counter_table() -> None:
 # -- the command line ----------------------------------------------------------------------------
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "clearip.relay.emulator", *args],
+        [sys.executable, "-m", "clearip.relay.labkit.emulator", *args],
         capture_output=True,
         text=True,
         timeout=30,

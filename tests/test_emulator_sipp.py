@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from clearip.relay.emulator.passport import parse_identity, verify_identity
+from clearip.relay.labkit.emulator.passport import parse_identity, verify_identity
 from clearip.relay.sip.message import Response
 from clearip.relay.sip.parser import parse_message
 from lab.sipp import Sipp, free_port, start_sipp
@@ -131,7 +131,7 @@ def _start(directory: Path) -> Running:
     log = (directory / "emulator.log").open("wb")
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "clearip.relay.emulator",
+            sys.executable, "-m", "clearip.relay.labkit.emulator",
             "--rules", str(directory / "rules.toml"),
             "--udp", "127.0.0.1:0", "--tcp", "127.0.0.1:0", "--tls", "127.0.0.1:0",
             "--lab-tls", str(directory / "lab"), "--public-key-out", str(directory / "key.pem"),

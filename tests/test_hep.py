@@ -2,7 +2,7 @@
 collector (UDP, TCP, sngrep), and calls untouched when the collector is down or slow.
 
 The collector stand-ins decode HEP3 with their own code and the protocol's chunk ids, not
-with clearip.relay.hep, so an encoder and decoder wrong in the same way cannot pass.
+with clearip.relay.service.hep, so an encoder and decoder wrong in the same way cannot pass.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clearip.relay import hep_export
 from clearip.relay.config import ConfigError, HepConfig, ProxyConfig, config_from_data
-from clearip.relay.daemon import Daemon
-from clearip.relay.hep import HepError, HepRecord, decode, encode, parse_address, record_for
-from clearip.relay.hep_export import HepExporter
-from clearip.relay.reload import plan_reload
+from clearip.relay.service import hep_export
+from clearip.relay.service.daemon import Daemon
+from clearip.relay.service.hep import HepError, HepRecord, decode, encode, parse_address, record_for
+from clearip.relay.service.hep_export import HepExporter
+from clearip.relay.service.reload import plan_reload
 from clearip.relay.sip.message import Message
 from clearip.relay.sip.parser import parse_message
 from clearip.relay.transport.endpoint import SipEndpoint
@@ -59,7 +59,7 @@ from lab.sipp import (
 DIALLED = "12125550100"
 
 
-# -- a collector's view of HEP3 (independent of clearip.relay.hep) --------------------------
+# -- a collector's view of HEP3 (independent of clearip.relay.service.hep) ----------------------
 @dataclass
 class Packet:
     family: int
@@ -705,7 +705,7 @@ def test_every_message_of_a_call_on_every_leg_udp_collector(lab: Lab) -> None:
 @pytest.mark.sipp
 @pytest.mark.slow
 def test_tls_leg_in_plaintext_to_a_tcp_collector(tmp_path: Path) -> None:
-    from clearip.relay.labca import make_lab_certificates
+    from clearip.relay.labkit.labca import make_lab_certificates
     from tests.test_proxy_tls import _emulator, _rules
 
     certs = make_lab_certificates(tmp_path / "lab")

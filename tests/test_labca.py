@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from clearip.relay.labca import make_lab_certificates
+from clearip.relay.labkit.labca import make_lab_certificates
 
 
 def _names(cert_file: Path) -> tuple[set[str], set[str]]:

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from clearip.relay.liveness import (
+from clearip.relay.service.liveness import (
     ANSWER,
     BACKOFF_CAP,
     JITTER,
@@ -274,10 +274,10 @@ def test_a_workers_probe_call_id_is_steered_back_to_it() -> None:
     """Answers to a worker's OPTIONS probe reach that worker: the kernel steers by Call-ID."""
     from clearip.bpf.steering import worker_for
     from clearip.relay.config import UpstreamConfig
+    from clearip.relay.service.upstream import UpstreamLink
+    from clearip.relay.service.worker_role import WorkerRole
     from clearip.relay.sip.message import Request
     from clearip.relay.transport.endpoint import SipEndpoint
-    from clearip.relay.upstream import UpstreamLink
-    from clearip.relay.worker_role import WorkerRole
 
     for index in range(4):
         role = WorkerRole(index=index, count=4, run_dir="/nonexistent")

@@ -119,8 +119,8 @@ def test_kernel_counters_become_metric_families() -> None:
 
     from prometheus_client import generate_latest
 
-    from clearip.relay.latency import LatencyHistogram
-    from clearip.relay.metrics import registry_for
+    from clearip.relay.proxy.latency import LatencyHistogram
+    from clearip.relay.service.metrics import registry_for
 
     snapshot = {
         "counters": Counter(),

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from clearip.relay.emulator.passport import (
+from clearip.relay.labkit.emulator.passport import (
     PassportError,
     Signer,
     decode,

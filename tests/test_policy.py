@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from clearip.relay.emergency import EmergencyNumbers
-from clearip.relay.policy import PolicyError, SourcePolicy
-from clearip.relay.trust import (
+from clearip.relay.policy.emergency import EmergencyNumbers
+from clearip.relay.policy.sources import PolicyError, SourcePolicy
+from clearip.relay.policy.trust import (
     IPNetwork,
     Role,
     TrustEntry,

@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 import pytest
 
 from clearip.relay.config import ProxyConfig
-from clearip.relay.emergency import EmergencyNumbers
+from clearip.relay.policy.emergency import EmergencyNumbers
+from clearip.relay.policy.trust import Role
 from clearip.relay.proxy.core import ProxyCore
 from clearip.relay.proxy.effects import CallFinished, Effect, Send, StartTimer
 from clearip.relay.proxy.routing import Locality
 from clearip.relay.sip.message import Request, Response
 from clearip.relay.sip.parser import parse_message
 from clearip.relay.transport.peer import LocalAddress, Peer
-from clearip.relay.trust import Role
 
 SWITCH = Peer("udp", "192.0.2.10", 5060)
 CLEARIP = Peer("tls", "198.51.100.1", 5061, conn=1)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from clearip.relay.labca import make_lab_certificates
+from clearip.relay.labkit.labca import make_lab_certificates
 from lab.proxy_harness import PROVIDER_A_IP, SWITCH_IP, threaded_proxy, write_config
 from lab.sipp import (
     free_port,
@@ -33,7 +33,7 @@ def _emulator(directory: Path, rules: str, certs_dir: Path) -> Iterator[int]:
         [
             sys.executable,
             "-m",
-            "clearip.relay.emulator",
+            "clearip.relay.labkit.emulator",
             "--rules",
             str(directory / "rules.toml"),
             "--tls",

@@ -13,17 +13,17 @@ from typing import Any
 import pytest
 
 from clearip.relay.config import ConfigError, ProxyConfig, UpstreamConfig, XdpConfig, load_config
-from clearip.relay.daemon import Daemon, apply_logging
-from clearip.relay.emergency import EmergencyNumbers
-from clearip.relay.policy import PolicyError, SourcePolicy
+from clearip.relay.policy.emergency import EmergencyNumbers
+from clearip.relay.policy.sources import PolicyError, SourcePolicy
+from clearip.relay.policy.trust import Role, save_trust_file
 from clearip.relay.proxy.core import ProxyCore
 from clearip.relay.proxy.effects import Effect, StartTimer
 from clearip.relay.proxy.routing import Locality
-from clearip.relay.reload import KEYS, Change, plan_reload, report_lines
+from clearip.relay.service.daemon import Daemon, apply_logging
+from clearip.relay.service.reload import KEYS, Change, plan_reload, report_lines
 from clearip.relay.sip.message import Request
 from clearip.relay.sip.transaction.timers import TimerSettings
 from clearip.relay.transport.peer import ListenerSpec, LocalAddress, Peer
-from clearip.relay.trust import Role, save_trust_file
 from lab.proxy_harness import write_config
 from tests.test_policy import CARRIER, NEW, SWITCH, FakeKernel
 from tests.test_proxy_core import CLEARIP, invite, reply_to, sent

@@ -358,7 +358,7 @@ def test_payload_runs_the_compiled_core(built: Built, tmp_path: Path) -> None:
     need(TARGET_PYTHON)
     prefix = built.payload / "opt/clearip-proxy"
     probe = "import clearip.relay as r; from clearip.relay.sip import parser; "
-    probe += "from clearip.relay import dispatch; from clearip.relay.transport import udp; "
+    probe += "from clearip.relay.service import dispatch; from clearip.relay.transport import udp; "
     probe += "print(r.core_build(), parser.__file__, dispatch.__file__, udp.__file__)"
     result = run(
         prefix / "bin/python3", "-I", "-B", "-c", probe, env=payload_env(built), cwd=tmp_path

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clearip.relay.timerwheel import TimerWheel
+from clearip.relay.service.timerwheel import TimerWheel
 
 RES = 0.01
 

@@ -31,7 +31,7 @@ def _tshark() -> str:
 
 def test_trace_pcap_of_a_tls_call_opens_in_tshark(tmp_path: Path) -> None:
     tshark = _tshark()
-    from clearip.relay.labca import make_lab_certificates
+    from clearip.relay.labkit.labca import make_lab_certificates
 
     certs = make_lab_certificates(tmp_path / "lab")
     a_port = free_port(host=PROVIDER_A_IP)

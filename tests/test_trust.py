@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from clearip.relay.trust import (
+from clearip.relay.policy.trust import (
     Role,
     TrustEntry,
     TrustError,

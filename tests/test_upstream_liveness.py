@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import trustme
 
+from clearip.relay.policy.trust import Role
 from clearip.relay.sip.framing import PONG, Ping, StreamFramer
-from clearip.relay.trust import Role
 from lab.proxy_harness import SWITCH_IP, ThreadedProxy, threaded_proxy, wait_for, write_config
 from lab.sipp import Sipp, free_port, start_sipp, uac_scenario
 
@@ -268,7 +268,8 @@ def _emulator(directory: Path) -> Iterator[int]:
     )
     ready = directory / "emulator-ready.json"
     process = subprocess.Popen(
-        [sys.executable, "-m", "clearip.relay.emulator", "--rules", str(directory / "rules.toml"),
+        [sys.executable, "-m", "clearip.relay.labkit.emulator",
+         "--rules", str(directory / "rules.toml"),
          "--tcp", "127.0.0.1:0", "--ready-file", str(ready), "--quiet"],
         stdout=subprocess.DEVNULL,
     )  # fmt: skip

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from clearip.bpf.reuseport import ReuseportSteering, SteeringUnavailable, remove_pins
 from clearip.bpf.steering import find_call_id, worker_for
 from clearip.relay.proxy.routing import STATELESS_PREFIX, Locality, response_next_hop, via_value
+from clearip.relay.service.worker_role import WorkerRole
 from clearip.relay.sip.framing import StreamFramer
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.parser import parse_message
@@ -43,7 +44,6 @@ from clearip.relay.transport.handoff import (
     split_conn,
 )
 from clearip.relay.transport.peer import ListenerSpec, LocalAddress, Peer, response_peer
-from clearip.relay.worker_role import WorkerRole
 from lab.netns import unique_tag
 
 EMERGENCY = ("911",)

@@ -34,7 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from clearip.bpf.steering import worker_for
 from clearip.ctl.cli import Client
 from clearip.relay.config import ConfigError, ProxyConfig, config_from_data, cpu_workers
-from clearip.relay.fleet import (
+from clearip.relay.proxy.latency import LatencyHistogram
+from clearip.relay.service.fleet import (
     WorkerView,
     merge_snapshots,
     merge_stats,
@@ -42,12 +43,11 @@ from clearip.relay.fleet import (
     merge_upstreams,
     workers_block,
 )
-from clearip.relay.latency import LatencyHistogram
-from clearip.relay.metrics import registry_for
-from clearip.relay.reload import plan_reload
-from clearip.relay.supervisor import bpffs_problem, exit_status
+from clearip.relay.service.metrics import registry_for
+from clearip.relay.service.reload import plan_reload
+from clearip.relay.service.supervisor import bpffs_problem, exit_status
+from clearip.relay.service.worker_role import WorkerRole
 from clearip.relay.transport.peer import ListenerSpec
-from clearip.relay.worker_role import WorkerRole
 from lab.netns import loopback_namespace, ns_exec, unique_tag
 from lab.proxy_harness import SWITCH_IP, proxy_process, stop_process, wait_for, write_config
 from lab.reliability import any_final_uac, outcomes

@@ -27,9 +27,9 @@ import pytest
 
 from clearip.bpf import loader
 from clearip.bpf.loader import EdgeFilter, FilterUnavailable, attached_programs, detach_pinned
-from clearip.relay.emergency import EmergencyNumbers
-from clearip.relay.policy import SourcePolicy
-from clearip.relay.trust import Role, TrustEntry, TrustList, parse_cidr, save_trust_file
+from clearip.relay.policy.emergency import EmergencyNumbers
+from clearip.relay.policy.sources import SourcePolicy
+from clearip.relay.policy.trust import Role, TrustEntry, TrustList, parse_cidr, save_trust_file
 from lab.netns import Topology, build, destroy, in_namespace, unique_tag
 
 pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.xdp]
@@ -673,7 +673,7 @@ def test_status_notices_a_program_removed_behind_our_back(
 def test_clearipctl_changes_what_is_dropped_within_100ms(
     topo: Topology, listener: Listener, filters: Callable[[str], EdgeFilter], tmp_path: Path
 ) -> None:
-    from clearip.relay.control import ControlServer
+    from clearip.relay.service.control import ControlServer
 
     edge = filters("generic")
     trust_file = tmp_path / "trust.toml"

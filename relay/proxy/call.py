@@ -16,12 +16,12 @@ from enum import Enum
 from typing import Any, final
 
 from clearip.relay.config import ProxyConfig
+from clearip.relay.policy.trust import Role
 from clearip.relay.proxy.redirect import Target
-from clearip.relay.shaken import attestation_of
+from clearip.relay.sip.identity import attestation_of
 from clearip.relay.sip.message import Request, Response
 from clearip.relay.sip.peer import Peer
 from clearip.relay.sip.transaction.matching import TransactionKey
-from clearip.relay.trust import Role
 
 
 class Phase(Enum):

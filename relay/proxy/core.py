@@ -34,8 +34,8 @@ from collections.abc import Callable
 from typing import Any, Final, Protocol, final
 
 from clearip.relay.config import ProxyConfig
-from clearip.relay.emergency import EmergencyNumbers
-from clearip.relay.latency import LatencyHistogram
+from clearip.relay.policy.emergency import EmergencyNumbers
+from clearip.relay.policy.trust import Role
 from clearip.relay.proxy.call import (
     Branch,
     Phase,
@@ -43,6 +43,7 @@ from clearip.relay.proxy.call import (
     best_response,
 )
 from clearip.relay.proxy.effects import CallFinished, CancelTimer, Effect, Send, StartTimer
+from clearip.relay.proxy.latency import LatencyHistogram
 from clearip.relay.proxy.orphans import orphan_answer
 from clearip.relay.proxy.ratelimit import RateLimiter
 from clearip.relay.proxy.redirect import Target, read_redirect
@@ -95,7 +96,6 @@ from clearip.relay.sip.transaction.matching import (
 )
 from clearip.relay.sip.uri import SipUri, parse_uri, uri_user_number
 from clearip.relay.sip.via import parse_via
-from clearip.relay.trust import Role
 
 log = logging.getLogger("clearip.proxy")
 

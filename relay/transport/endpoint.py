@@ -55,7 +55,7 @@ from clearip.relay.transport.tls import ClientTls, FailureLog, failure_reason
 from clearip.relay.transport.udp import SO_TIMESTAMPNS, UdpSocket
 
 if TYPE_CHECKING:  # worker_role imports this package
-    from clearip.relay.worker_role import WorkerRole
+    from clearip.relay.service.worker_role import WorkerRole
 
 log = logging.getLogger("clearip.transport")
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from clearip.relay.emulator.rules import (
+from clearip.relay.labkit.emulator.rules import (
     DEFAULT_RULES,
     RulesError,
     RuleSet,
@@ -40,7 +40,7 @@ TRANSPORTS = ("udp", "tcp", "tls")
 
 @dataclass(frozen=True)
 class EmulatorConfig:
-    """Everything :func:`clearip.relay.emulator.server.run_emulator` needs.
+    """Everything :func:`clearip.relay.labkit.emulator.server.run_emulator` needs.
 
     ``listeners`` may use port 0 (any free port); the bound ports are in
     :attr:`Emulator.bound` and, with ``ready_file``, written as JSON

@@ -28,17 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from clearip.relay.config import ProxyConfig, UpstreamConfig, XdpConfig
-from clearip.relay.daemon import Daemon
-from clearip.relay.demo.agents import CallResult, Uac, Uas
-from clearip.relay.demo.ladder import Ladder
-from clearip.relay.demo.sipp import SIPP_CALLS, command, scenario_file
-from clearip.relay.emulator.rules import rules_from_data
-from clearip.relay.emulator.server import Emulator
-from clearip.relay.labca import make_lab_certificates
-from clearip.relay.shaken import attestation_of
+from clearip.relay.labkit.demo.agents import CallResult, Uac, Uas
+from clearip.relay.labkit.demo.ladder import Ladder
+from clearip.relay.labkit.demo.sipp import SIPP_CALLS, command, scenario_file
+from clearip.relay.labkit.emulator.rules import rules_from_data
+from clearip.relay.labkit.emulator.server import Emulator
+from clearip.relay.labkit.labca import make_lab_certificates
+from clearip.relay.policy.trust import Role, TrustEntry, TrustList, parse_cidr
+from clearip.relay.service.daemon import Daemon
+from clearip.relay.sip.identity import attestation_of
 from clearip.relay.transport.peer import ListenerSpec, Peer
 from clearip.relay.transport.tls import server_context
-from clearip.relay.trust import Role, TrustEntry, TrustList, parse_cidr
 
 SWITCH = "127.0.0.1"
 PROVIDER_A = "127.0.0.2"

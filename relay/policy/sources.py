@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from clearip.relay.emergency import EmergencyNumbers, validate_number
-from clearip.relay.trust import (
+from clearip.relay.policy.emergency import EmergencyNumbers, validate_number
+from clearip.relay.policy.trust import (
     IPNetwork,
     TrustEntry,
     TrustError,

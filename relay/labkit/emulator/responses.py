@@ -16,8 +16,8 @@ are copied, and To gets a tag that is the same for retransmissions of the reques
 
 from __future__ import annotations
 
-from clearip.relay.emulator.passport import Signer
-from clearip.relay.emulator.rules import Decision
+from clearip.relay.labkit.emulator.passport import Signer
+from clearip.relay.labkit.emulator.rules import Decision
 from clearip.relay.proxy.replies import make_reply
 from clearip.relay.sip.message import Request, Response
 

@@ -1,4 +1,4 @@
-"""The link to ClearIP: the asyncio shell around :mod:`clearip.relay.liveness`.
+"""The link to ClearIP: the asyncio shell around :mod:`clearip.relay.service.liveness`.
 
 The machine decides (when a link is up or down, when to ping, when to try again); this module
 does what it says: opens the TLS/TCP connection (every address the host resolves to, or the
@@ -25,7 +25,8 @@ from typing import Any
 
 from clearip.bpf.steering import worker_for
 from clearip.relay.config import UpstreamConfig
-from clearip.relay.liveness import (
+from clearip.relay.proxy.routing import via_value
+from clearip.relay.service.liveness import (
     ANSWER,
     OTHER,
     REFUSED,
@@ -43,7 +44,6 @@ from clearip.relay.liveness import (
     StreamLiveness,
     Up,
 )
-from clearip.relay.proxy.routing import via_value
 from clearip.relay.sip.message import Request, Response
 from clearip.relay.sip.via import MAGIC_COOKIE
 from clearip.relay.transport.endpoint import SipEndpoint, StreamConnection

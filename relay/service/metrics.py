@@ -24,8 +24,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from clearip.relay.counters import COUNTERS, spec_for
-from clearip.relay.latency import LatencyHistogram
+from clearip.relay.proxy.latency import LatencyHistogram
+from clearip.relay.service.counters import COUNTERS, spec_for
 
 
 class RelayCollector(Collector):
@@ -116,7 +116,7 @@ def _worker_families(state: dict[str, Any]) -> Iterable[Metric]:
 
 
 def counter_families(counters: Counter[str]) -> Iterator[Metric]:
-    """Every declared counter (relay/counters.py), zero until it counts; a family's missing
+    """Every declared counter (relay/service/counters.py), zero until it counts; a family's missing
     trailing label values (an older key) read as ""."""
     families = {
         spec.key: CounterMetricFamily(spec.metric, spec.help, labels=list(spec.labels) or None)

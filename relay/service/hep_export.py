@@ -2,7 +2,7 @@
 
 The daemon's tracer hands each message to :meth:`HepExporter.offer`, which only stamps the
 time, takes the bytes and appends them to a bounded queue: no I/O, nothing that can fail or
-wait. A sender task empties the queue into the collector (see :mod:`clearip.relay.hep` for
+wait. A sender task empties the queue into the collector (see :mod:`clearip.relay.service.hep` for
 the packet):
 
 - UDP: one datagram per message from a non-blocking socket; a failed send loses that message.
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import cast
 
 from clearip.relay.config import HepConfig
-from clearip.relay.hep import HepError, encode, record_for
+from clearip.relay.service.hep import HepError, encode, record_for
 from clearip.relay.sip.message import Message
 
 log = logging.getLogger("clearip.hep")

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clearip.relay.emergency import normalise_number
+from clearip.relay.policy.emergency import normalise_number
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.message import Request
 from clearip.relay.sip.uri import parse_uri, uri_user_number

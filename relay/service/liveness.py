@@ -21,7 +21,7 @@ Like the transaction machines (:mod:`clearip.relay.sip.transaction.base`), each 
 table ``(state, event) -> (next state, effect)``: the state moves before the effect runs, and a
 pair not in the table is ignored, so a late timer or a stray answer needs no code. Time comes in
 as an argument and jitter from an injected :class:`random.Random`; the caller (the asyncio
-shell, :mod:`clearip.relay.upstream`) performs the actions and feeds back what happens.
+shell, :mod:`clearip.relay.service.upstream`) performs the actions and feeds back what happens.
 """
 
 from __future__ import annotations

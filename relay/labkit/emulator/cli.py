@@ -1,4 +1,4 @@
-"""``clearip-proxy emulate`` (also ``python -m clearip.relay.emulator``): run the emulator."""
+"""``clearip-proxy emulate`` (or ``python -m clearip.relay.labkit.emulator``): run the emulator."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from clearip.relay.emulator.config import EmulatorConfig, load_config
-from clearip.relay.emulator.rules import DEFAULT_RULES, RulesError
-from clearip.relay.emulator.server import run_emulator
+from clearip.relay.labkit.emulator.config import EmulatorConfig, load_config
+from clearip.relay.labkit.emulator.rules import DEFAULT_RULES, RulesError
+from clearip.relay.labkit.emulator.server import run_emulator
 from clearip.relay.transport.peer import ListenerSpec
 
 EPILOG = """\

@@ -2,8 +2,8 @@
 
 The relay's capacity is one CPython process per core, so with ``[proxy] workers = N`` the
 process systemd starts is a supervisor, and the calls are handled by N worker processes
-(``clearip-proxy worker ...``, each a :class:`~clearip.relay.daemon.Daemon` with a
-:class:`~clearip.relay.worker_role.WorkerRole`). They share nothing but the kernel: every
+(``clearip-proxy worker ...``, each a :class:`~clearip.relay.service.daemon.Daemon` with a
+:class:`~clearip.relay.service.worker_role.WorkerRole`). They share nothing but the kernel: every
 worker binds every listener with SO_REUSEPORT, and the SK_REUSEPORT program loaded here
 (:mod:`clearip.bpf.reuseport`, one per UDP listener) sends every datagram of a call to the
 worker that owns its Call-ID.
@@ -20,7 +20,7 @@ What the supervisor owns, and why here:
 - systemd: READY=1 once every worker is ready, WATCHDOG=1 and STATUS= with the totals;
 - the control socket (``clearipctl``) and ``/metrics``, answered from what the workers say
   over their private control sockets (``status``, ``stats``, ``snapshot``, ``trace``) at the
-  time of asking, summed by :mod:`clearip.relay.fleet`.
+  time of asking, summed by :mod:`clearip.relay.service.fleet`.
 
 Degraded mode: when the steering program cannot load (no privileges, no bcc, no kernel
 headers, a pin directory off the bpf file system), one error names the reason and the fix,
@@ -47,24 +47,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clearip.relay.config import ConfigError, ProxyConfig, load_config
-from clearip.relay.control import MAX_REPLY, ControlServer, ControlUnavailable, ask
-from clearip.relay.daemon import Daemon, apply_logging, start_kernel_filter
-from clearip.relay.fleet import (
+from clearip.relay.policy.sources import PolicyError, SourcePolicy
+from clearip.relay.policy.trust import TrustError, write_atomically
+from clearip.relay.proxy.latency import LatencyHistogram
+from clearip.relay.service.control import MAX_REPLY, ControlServer, ControlUnavailable, ask
+from clearip.relay.service.daemon import Daemon, apply_logging, start_kernel_filter
+from clearip.relay.service.fleet import (
     WorkerView,
     merge_snapshots,
     merge_stats,
     merge_status,
     workers_block,
 )
-from clearip.relay.latency import LatencyHistogram
-from clearip.relay.metrics import MetricsServer, registry_for
-from clearip.relay.policy import PolicyError, SourcePolicy
-from clearip.relay.reload import plan_reload
-from clearip.relay.sdnotify import Notifier, watchdog, watchdog_interval
-from clearip.relay.trace import Subscriber
+from clearip.relay.service.metrics import MetricsServer, registry_for
+from clearip.relay.service.reload import plan_reload
+from clearip.relay.service.sdnotify import Notifier, watchdog, watchdog_interval
+from clearip.relay.service.trace import Subscriber
+from clearip.relay.service.worker_role import WorkerRole
 from clearip.relay.transport.peer import ListenerSpec
-from clearip.relay.trust import TrustError, write_atomically
-from clearip.relay.worker_role import WorkerRole
 
 if TYPE_CHECKING:
     from clearip.bpf.reuseport import ReuseportSteering

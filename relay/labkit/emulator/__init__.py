@@ -6,7 +6,7 @@ project's own SIP stack (:mod:`server`). ``clearip-proxy emulate`` runs it (:mod
 another asyncio program use :func:`start_emulator` or :func:`run_emulator` with an
 :class:`EmulatorConfig` (see :mod:`server`).
 
-The names below are imported on first use, so ``clearip.relay.emulator.passport`` (which the
+The names below are imported on first use, so ``clearip.relay.labkit.emulator.passport`` (which the
 proxy may use for its call log) does not pull in the server, the transport or the rules.
 """
 
@@ -16,8 +16,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from clearip.relay.emulator.config import EmulatorConfig, config_from_data, load_config
-    from clearip.relay.emulator.rules import (
+    from clearip.relay.labkit.emulator.config import EmulatorConfig, config_from_data, load_config
+    from clearip.relay.labkit.emulator.rules import (
         DEFAULT_RULES,
         Decision,
         Rule,
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
         load_rules,
         rules_from_data,
     )
-    from clearip.relay.emulator.server import Emulator, run_emulator, start_emulator
+    from clearip.relay.labkit.emulator.server import Emulator, run_emulator, start_emulator
 
 _EXPORTS = {
     "EmulatorConfig": "config",

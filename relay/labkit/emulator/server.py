@@ -37,11 +37,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import TextIO
 
-from clearip.relay.emulator.config import EmulatorConfig
-from clearip.relay.emulator.passport import PassportError, Signer
-from clearip.relay.emulator.responses import build_response, reply, trying
-from clearip.relay.emulator.rules import ACTIONS, Decision, RulesError, RuleSet, Signing
-from clearip.relay.labca import make_lab_certificates
+from clearip.relay.labkit.emulator.config import EmulatorConfig
+from clearip.relay.labkit.emulator.passport import PassportError, Signer
+from clearip.relay.labkit.emulator.responses import build_response, reply, trying
+from clearip.relay.labkit.emulator.rules import ACTIONS, Decision, RulesError, RuleSet, Signing
+from clearip.relay.labkit.labca import make_lab_certificates
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.message import Request, Response
 from clearip.relay.sip.transaction import ServerInviteState, ServerInviteTransaction

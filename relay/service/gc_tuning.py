@@ -6,7 +6,7 @@ collection scans every tracked object; measured on the 2-core rig, one full coll
 the state of 20,000 lingering calls took 2.7 s, during which no SIP message is read, and with
 the default thresholds it recurs every few seconds under load.
 
-The call path makes no reference cycles (``tests/test_gcpolicy.py`` checks that a call leaves
+The call path makes no reference cycles (``tests/test_gc_tuning.py`` checks that a call leaves
 nothing for the collector), so lingering objects are freed by reference counting alone and the
 collector has nothing to find among them. The policy therefore:
 

@@ -11,8 +11,8 @@ with SHA-256 in the JWS form: r and s as 32-byte big-endian integers, concatenat
 The Identity header (RFC 8224 §4.1) carrying it reads
 ``<jwt>;info=<x5u>;alg=ES256;ppt=shaken``.
 
-Decoding without verifying lives in :mod:`clearip.relay.shaken` (the proxy reads ``attest`` for
-its call log); :func:`read_attestation` is the strict form of that reading.
+Decoding without verifying lives in :mod:`clearip.relay.sip.identity` (the proxy reads
+``attest`` for its call log); :func:`read_attestation` is the strict form of that reading.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from clearip.relay.shaken import (
+from clearip.relay.sip.identity import (
     PassportError,
     attestation_of,
     b64url,

@@ -6,7 +6,7 @@ import asyncio
 import gc
 from collections import Counter
 
-from clearip.relay.gcpolicy import run_policy, start_policy
+from clearip.relay.service.gc_tuning import run_policy, start_policy
 from lab.core_driver import Driver
 
 

@@ -11,7 +11,7 @@ Rules of this module:
   with ``:`` (``call:<role>:<status>:<reason>``).
 - ``/metrics`` exports every declared counter (zero until it counts), ``clearipctl stats`` shows
   the raw keys, and README's counter table is generated from here (``python -m
-  clearip.relay.counters``). tests/test_counters.py fails when code increments a key that is
+  clearip.relay.service.counters``). tests/test_counters.py fails when code increments a key that is
   not declared, and when the README's table is not the generated one.
 """
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from clearip.relay.shaken import attestation_of
+from clearip.relay.sip.identity import attestation_of
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.transport.peer import Peer
 

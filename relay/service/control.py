@@ -22,12 +22,12 @@ Commands and their fields (results in brackets):
     reload                                  [{"config", "live": [{"key", "old", "new"}, ...],
                                              "restart": [...]}] (re-reads the config and trust
                                              files; a bad one: invalid, nothing changed)
-    trace          call_id?, number?        (a stream of records; see relay/trace.py)
+    trace          call_id?, number?        (a stream of records; see relay/service/trace.py)
 
 With worker processes the supervisor answers on this socket (status, stats and trace cover
-every worker: see relay/supervisor.py) and asks each worker on a private one, where a worker
+every worker: see relay/service/supervisor.py) and asks each worker on a private one, where a worker
 also answers (and refuses trust.*, emergency.add/remove and xdp.detach, the supervisor's):
-    snapshot                                [what relay/metrics.py reads, as JSON]
+    snapshot                                [what relay/service/metrics.py reads, as JSON]
     policy.set     trust, emergency          [{"changed", "trust_entries"}] (the supervisor's
                                              trust list and numbers, in memory)
 """
@@ -46,15 +46,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clearip.relay.policy import PolicyError, SourcePolicy
-from clearip.relay.trace import Subscriber
-from clearip.relay.trust import (
+from clearip.relay.policy.sources import PolicyError, SourcePolicy
+from clearip.relay.policy.trust import (
     TrustEntry,
     TrustError,
     parse_cidr,
     render_trust_file,
     trust_list_from_text,
 )
+from clearip.relay.service.trace import Subscriber
 
 log = logging.getLogger("clearip.control")
 MAX_REQUEST = 1 << 20

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from clearip.relay.latency import LatencyHistogram
+from clearip.relay.proxy.latency import LatencyHistogram
 
 TOTALS = ("active_calls", "active_transactions", "connections")
 
@@ -156,7 +156,7 @@ def merge_snapshots(
     *,
     retired_latency: LatencyHistogram | None = None,
 ) -> dict[str, Any]:
-    """What the metrics collector reads (see :class:`clearip.relay.metrics.RelayCollector`),
+    """What the metrics collector reads (see :class:`clearip.relay.service.metrics.RelayCollector`),
     from the workers' ``snapshot`` answers: sums, plus ``per_worker`` for the labelled view.
     ``own`` and ``retired_latency`` carry what workers that died had counted."""
     answers = _answers(views)

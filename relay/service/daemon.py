@@ -19,28 +19,28 @@ from pathlib import Path
 from typing import Any
 
 from clearip.relay.config import ConfigError, ProxyConfig, load_config
-from clearip.relay.control import ControlServer
-from clearip.relay.dispatch import Dispatcher
-from clearip.relay.emergency import EmergencyNumbers
-from clearip.relay.gcpolicy import run_policy, start_policy
-from clearip.relay.hep_export import HepExporter
-from clearip.relay.metrics import MetricsServer, registry_for
-from clearip.relay.policy import PolicyError, SourcePolicy
+from clearip.relay.policy.emergency import EmergencyNumbers
+from clearip.relay.policy.sources import PolicyError, SourcePolicy
+from clearip.relay.policy.trust import Role, TrustEntry, TrustError, TrustList
 from clearip.relay.proxy.core import ProxyCore
 from clearip.relay.proxy.effects import CallFinished
 from clearip.relay.proxy.routing import Locality
-from clearip.relay.reload import Change, plan_reload
-from clearip.relay.sdnotify import Notifier, watchdog, watchdog_interval
+from clearip.relay.service.control import ControlServer
+from clearip.relay.service.dispatch import Dispatcher
+from clearip.relay.service.gc_tuning import run_policy, start_policy
+from clearip.relay.service.hep_export import HepExporter
+from clearip.relay.service.metrics import MetricsServer, registry_for
+from clearip.relay.service.reload import Change, plan_reload
+from clearip.relay.service.sdnotify import Notifier, watchdog, watchdog_interval
+from clearip.relay.service.trace import Subscriber
+from clearip.relay.service.trace import record as trace_record
+from clearip.relay.service.upstream import PROBE_PREFIX, UpstreamLink
+from clearip.relay.service.worker_role import WorkerRole
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.parser import Limits
-from clearip.relay.trace import Subscriber
-from clearip.relay.trace import record as trace_record
 from clearip.relay.transport.endpoint import SipEndpoint, is_ip
 from clearip.relay.transport.peer import LocalAddress, Peer
 from clearip.relay.transport.tls import ClientTls
-from clearip.relay.trust import Role, TrustEntry, TrustError, TrustList
-from clearip.relay.upstream import PROBE_PREFIX, UpstreamLink
-from clearip.relay.worker_role import WorkerRole
 
 log = logging.getLogger("clearip.daemon")
 _NO_IPV6 = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT}
@@ -325,8 +325,8 @@ class Daemon:
 
     def reload_config(self) -> dict[str, Any]:
         """Re-read the config file and the trust list, and apply every setting that needs no
-        new socket (see :mod:`clearip.relay.reload`), all or nothing; calls being set up keep
-        the config they started with. Returns the report ``clearip-proxy reload`` prints; a
+        new socket (see :mod:`clearip.relay.service.reload`), all or nothing; calls being set up
+        keep the config they started with. Returns the report ``clearip-proxy reload`` prints; a
         bad file or a kernel refusal is logged and raised, and every running setting is kept.
         """
         try:
@@ -405,7 +405,7 @@ class Daemon:
 
         return unsubscribe
 
-    # -- HEP export and the endpoint's one tracer (relay/hep_export.py) -----------------------
+    # -- HEP export and the endpoint's one tracer (relay/service/hep_export.py) -------------------
     def _start_hep(self) -> None:
         """Start (or, after a reload, replace or stop) the HEP exporter for ``[hep]``."""
         if self.hep is not None:
@@ -476,7 +476,7 @@ class Daemon:
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """The daemon process: start, then serve until SIGTERM/SIGINT (owns the interpreter, so
-        it also sets the garbage-collector policy, see :mod:`gcpolicy`). ``on_ready`` is
+        it also sets the garbage-collector policy, see :mod:`gc_tuning`). ``on_ready`` is
         called once serving (a worker tells its supervisor)."""
         await self.start()
         start_policy()

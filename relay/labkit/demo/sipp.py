@@ -45,7 +45,7 @@ SIPP_CALLS = (
 
 def scenario_file(name: str) -> Traversable:
     """A shipped scenario file (use ``importlib.resources.as_file`` for a path to give SIPp)."""
-    return resources.files("clearip.relay.demo") / "scenarios" / name
+    return resources.files("clearip.relay.labkit.demo") / "scenarios" / name
 
 
 def command(call: SippCall, scenario_path: str, *, switch: str, proxy: Peer) -> str:
