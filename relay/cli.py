@@ -109,7 +109,8 @@ def _check_config(path: str) -> int:
 def _run(path: str) -> int:
     from clearip.relay.config import ConfigError, load_config
     from clearip.relay.policy.trust import TrustError
-    from clearip.relay.service.daemon import Daemon, setup_logging
+    from clearip.relay.service.daemon import Daemon
+    from clearip.relay.service.logs import setup_logging
 
     try:
         config = load_config(path)
@@ -151,7 +152,8 @@ def _worker(args: argparse.Namespace) -> int:
 
     from clearip.relay.config import ConfigError, load_config
     from clearip.relay.policy.trust import TrustError
-    from clearip.relay.service.daemon import Daemon, setup_logging
+    from clearip.relay.service.daemon import Daemon
+    from clearip.relay.service.logs import setup_logging
     from clearip.relay.service.reload import plan_reload
     from clearip.relay.service.worker_role import WorkerRole
 

@@ -19,7 +19,8 @@ from clearip.relay.policy.trust import Role, save_trust_file
 from clearip.relay.proxy.core import ProxyCore
 from clearip.relay.proxy.effects import Effect, StartTimer
 from clearip.relay.proxy.routing import Locality
-from clearip.relay.service.daemon import Daemon, apply_logging
+from clearip.relay.service.daemon import Daemon
+from clearip.relay.service.logs import apply_logging
 from clearip.relay.service.reload import KEYS, Change, plan_reload, report_lines
 from clearip.relay.sip.message import Request
 from clearip.relay.sip.transaction.timers import TimerSettings

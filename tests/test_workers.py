@@ -43,10 +43,11 @@ from clearip.relay.service.fleet import (
     merge_upstreams,
     workers_block,
 )
+from clearip.relay.service.kernel_steering import bpffs_problem
 from clearip.relay.service.metrics import registry_for
 from clearip.relay.service.reload import plan_reload
-from clearip.relay.service.supervisor import bpffs_problem, exit_status
 from clearip.relay.service.worker_role import WorkerRole
+from clearip.relay.service.workers import exit_status
 from clearip.relay.transport.peer import ListenerSpec
 from lab.netns import loopback_namespace, ns_exec, unique_tag
 from lab.proxy_harness import SWITCH_IP, proxy_process, stop_process, wait_for, write_config

@@ -42,7 +42,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,15 @@ from clearip.relay.service.trace import Subscriber
 
 log = logging.getLogger("clearip.control")
 MAX_REQUEST = 1 << 20
+#: What only the supervisor may do: a worker's private socket refuses these.
+SUPERVISOR_COMMANDS = (
+    "trust.add",
+    "trust.remove",
+    "trust.import",
+    "emergency.add",
+    "emergency.remove",
+    "xdp.detach",
+)
 MAX_REPLY = 64 << 20  # a worker's snapshot or stats
 
 
@@ -281,6 +290,51 @@ class ControlServer:
 
 
 _NOT_JSON = object()
+
+
+def serve_worker_commands(
+    control: ControlServer, policy: SourcePolicy, export_snapshot: Callable[[], dict[str, Any]]
+) -> None:
+    """A worker's private socket: the supervisor reads it and tells it the policy it decided;
+    changing the trust list or the emergency numbers here would bypass the supervisor's files
+    and kernel maps, so those commands are refused."""
+
+    def refuse(request: dict[str, Any]) -> None:
+        raise PolicyError(
+            f"{request['cmd']} is the supervisor's: use the socket at proxy.control_socket"
+        )
+
+    def policy_set(request: dict[str, Any]) -> dict[str, Any]:
+        """``policy.set``: the supervisor's trust list and emergency numbers, in memory."""
+        entries = [
+            TrustEntry.parse(str(e["cidr"]), str(e["role"]), str(e["note"]))
+            for e in request["trust"]
+        ]
+        changed = policy.adopt(entries, [str(n) for n in request["emergency"]])
+        return {"changed": changed, "trust_entries": len(policy.trust)}
+
+    for name in SUPERVISOR_COMMANDS:
+        control.handlers[name] = refuse
+    control.handlers["snapshot"] = lambda _: export_snapshot()
+    control.handlers["policy.set"] = policy_set
+
+
+def then(
+    handler: Callable[[dict[str, Any]], Any], after: Callable[[], Awaitable[None]]
+) -> Callable[[dict[str, Any]], Awaitable[Any]]:
+    """``handler``, then ``after()`` before the reply: a refusal raised by the handler skips
+    ``after``; the reply is the handler's result."""
+
+    def run(request: dict[str, Any]) -> Awaitable[Any]:
+        result = handler(request)
+
+        async def finish() -> Any:
+            await after()
+            return result
+
+        return finish()
+
+    return run
 
 
 def _failure(cmd: str, exc: Exception) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import logging
 import signal
 import time
@@ -18,22 +17,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clearip.relay.config import ConfigError, ProxyConfig, load_config
+from clearip.relay.config import ConfigError, ProxyConfig
 from clearip.relay.policy.emergency import EmergencyNumbers
 from clearip.relay.policy.sources import PolicyError, SourcePolicy
-from clearip.relay.policy.trust import Role, TrustEntry, TrustError, TrustList
+from clearip.relay.policy.trust import Role, TrustError, TrustList
 from clearip.relay.proxy.core import ProxyCore
 from clearip.relay.proxy.effects import CallFinished
 from clearip.relay.proxy.routing import Locality
-from clearip.relay.service.control import ControlServer
+from clearip.relay.service.control import ControlServer, serve_worker_commands
 from clearip.relay.service.dispatch import Dispatcher
 from clearip.relay.service.gc_tuning import run_policy, start_policy
 from clearip.relay.service.hep_export import HepExporter
+from clearip.relay.service.kernel_filter import start_kernel_filter
+from clearip.relay.service.locality import learn_locality
+from clearip.relay.service.logs import apply_logging, calls_log, log_call
 from clearip.relay.service.metrics import MetricsServer, registry_for
-from clearip.relay.service.reload import Change, plan_reload
+from clearip.relay.service.reload import log_changes, read_reload
 from clearip.relay.service.sdnotify import Notifier, watchdog, watchdog_interval
+from clearip.relay.service.taps import MessageTaps
 from clearip.relay.service.trace import Subscriber
-from clearip.relay.service.trace import record as trace_record
 from clearip.relay.service.upstream import PROBE_PREFIX, UpstreamLink
 from clearip.relay.service.worker_role import WorkerRole
 from clearip.relay.sip.message import Message, Request, Response
@@ -44,7 +46,6 @@ from clearip.relay.transport.tls import ClientTls
 
 log = logging.getLogger("clearip.daemon")
 _NO_IPV6 = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT}
-calls_log = logging.getLogger("clearip.calls")
 
 
 class Daemon:
@@ -76,8 +77,6 @@ class Daemon:
             )
         self.trust = self.policy.trust
         self.control: ControlServer | None = None
-        self.trace_subscribers: list[Subscriber] = []
-        self.hep: HepExporter | None = None  # [hep]: started by start(), replaced by a reload
         self.counters: Counter[str] = Counter()
         self.started = time.time()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -104,6 +103,8 @@ class Daemon:
             tls_client=tls,
             **placement,
         )
+        # Copies of every message for live traces and HEP ([hep]: started by start()).
+        self.taps = MessageTaps(self.endpoint)
         self.links: dict[Role, UpstreamLink] = {}
         outbound = UpstreamLink(
             "outbound", config.outbound, self.endpoint, lambda: self._upstream_down(Role.SWITCH)
@@ -188,36 +189,16 @@ class Daemon:
 
     def _call_finished(self, effect: CallFinished) -> None:
         if self.call_listeners or calls_log.isEnabledFor(logging.INFO):
-            self._log_call(effect.summary())
-
-    def _log_call(self, summary: dict[str, Any]) -> None:
-        for listener in self.call_listeners:
-            listener(summary)
-        if self.config.log_format == "json":
-            calls_log.info(json.dumps({"event": "call", **summary}, separators=(",", ":")))
-            return
-        tried = ",".join(summary["tried"]) or "-"
-        calls_log.info(
-            "call call_id=%s from=%s to=%s role=%s clearip=%s clearip_ms=%s attest=%s "
-            "tried=%s final=%s total_ms=%s%s",
-            summary["call_id"],
-            summary["from"],
-            summary["to"],
-            summary["role"],
-            summary["clearip_status"],
-            summary["clearip_ms"],
-            summary["attest"],
-            tried,
-            summary["final"],
-            summary["total_ms"],
-            f' note="{summary["note"]}"' if summary["note"] else "",
-        )
+            summary = effect.summary()
+            for listener in self.call_listeners:
+                listener(summary)
+            log_call(summary, self.config.log_format)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.dispatch.attach(self.loop)
-        self._start_hep()
+        self.taps.start_hep(self.config.hep, self.counters)
         for spec in self.config.listeners:
             try:
                 host, port = await self.endpoint.listen(spec)
@@ -233,14 +214,7 @@ class Daemon:
                     f"{exc.strerror} (check [[listen]] in the config)",
                 ) from None
             log.info("listening on %s %s:%d", spec.transport, host, port)
-        for local in self.endpoint.locals:
-            self.locality.hosts.add(local.host)
-            self.locality.ports.add(local.port)
-        for spec in self.config.listeners:
-            if spec.address in ("0.0.0.0", "::"):
-                self.locality.hosts.update(_host_addresses())
-            else:
-                self.locality.hosts.add(spec.address)
+        learn_locality(self.locality, self.endpoint.locals, self.config.listeners)
         for link in set(self.links.values()):
             link.start()
         for link in set(self.links.values()):
@@ -264,7 +238,7 @@ class Daemon:
                 reload=self.reload_config,
             )
             if self.role is not None:
-                self._worker_commands(self.control)
+                serve_worker_commands(self.control, self.policy, self.export_snapshot)
             try:
                 await self.control.start()
             except OSError as exc:
@@ -287,37 +261,6 @@ class Daemon:
             return
         await start_kernel_filter(self.config, self.policy)
 
-    def _worker_commands(self, control: ControlServer) -> None:
-        """A worker's private socket: the supervisor reads it and tells it the policy it
-        decided; changing the trust list or the emergency numbers here would bypass the
-        supervisor's files and kernel maps, so those commands are refused."""
-
-        def refuse(request: dict[str, Any]) -> None:
-            raise PolicyError(
-                f"{request['cmd']} is the supervisor's: use the socket at proxy.control_socket"
-            )
-
-        for name in (
-            "trust.add",
-            "trust.remove",
-            "trust.import",
-            "emergency.add",
-            "emergency.remove",
-            "xdp.detach",
-        ):
-            control.handlers[name] = refuse
-        control.handlers["snapshot"] = lambda _: self.export_snapshot()
-        control.handlers["policy.set"] = self._policy_set
-
-    def _policy_set(self, request: dict[str, Any]) -> dict[str, Any]:
-        """``policy.set``: the supervisor's trust list and emergency numbers, in memory."""
-        entries = [
-            TrustEntry.parse(str(e["cidr"]), str(e["role"]), str(e["note"]))
-            for e in request["trust"]
-        ]
-        changed = self.policy.adopt(entries, [str(n) for n in request["emergency"]])
-        return {"changed": changed, "trust_entries": len(self.trust)}
-
     def reload(self) -> None:
         """SIGHUP: :meth:`reload_config`; a refusal is logged and changes nothing."""
         with contextlib.suppress(ConfigError, TrustError, PolicyError):
@@ -329,17 +272,8 @@ class Daemon:
         keep the config they started with. Returns the report ``clearip-proxy reload`` prints; a
         bad file or a kernel refusal is logged and raised, and every running setting is kept.
         """
-        try:
-            fresh = self.config if self.config_path is None else load_config(self.config_path)
-            plan = plan_reload(self.config, fresh)
-            before = [(e.cidr, e.role, e.note) for e in self.trust]
-            try:
-                self.policy.reload(plan.config.trust_file, plan.config.emergency_numbers)
-            except TrustError as exc:
-                raise TrustError(f"proxy.trust_file: {exc}") from None
-        except (ConfigError, TrustError, PolicyError) as exc:
-            log.error("reload refused, every running setting kept: %s", exc)
-            raise
+        before = [(e.cidr, e.role, e.note) for e in self.trust]
+        plan = read_reload(self.config, self.config_path, self.policy)
         # Nothing below can fail: one synchronous step on the event loop, so no message is
         # handled with half the new settings.
         config = plan.config
@@ -353,22 +287,9 @@ class Daemon:
         if plan.changes("log"):
             apply_logging(config.log_level, config.log_format)
         if plan.changes("hep"):
-            self._start_hep()
-        live = list(plan.live)
-        after = [(e.cidr, e.role, e.note) for e in self.trust]
-        if after != before:
-            live.append(Change("trust list", f"{len(before)} entries", f"{len(after)} entries"))
-        for change in live:
-            log.info("reload: %s: %s -> %s", change.key, change.old, change.new)
-        for change in plan.restart:
-            log.warning(
-                "%s changed: needs a restart (running with %s, the file says %s)",
-                change.key,
-                change.old,
-                change.new,
-            )
-        if not live and not plan.restart:
-            log.info("reload: no changes")
+            self.taps.start_hep(self.config.hep, self.counters)
+        trust_after = [(e.cidr, e.role, e.note) for e in self.trust]
+        live = log_changes(plan, before, trust_after)
         return {
             "config": str(self.config_path) if self.config_path is not None else None,
             "live": [c.as_dict() for c in live],
@@ -395,49 +316,12 @@ class Daemon:
 
     def subscribe_trace(self, subscriber: Subscriber) -> Callable[[], None]:
         """Start tracing for one client; the returned function stops it."""
-        self.trace_subscribers.append(subscriber)
-        self._update_tracer()
+        return self.taps.subscribe(subscriber)
 
-        def unsubscribe() -> None:
-            if subscriber in self.trace_subscribers:
-                self.trace_subscribers.remove(subscriber)
-            self._update_tracer()
-
-        return unsubscribe
-
-    # -- HEP export and the endpoint's one tracer (relay/service/hep_export.py) -------------------
-    def _start_hep(self) -> None:
-        """Start (or, after a reload, replace or stop) the HEP exporter for ``[hep]``."""
-        if self.hep is not None:
-            self.hep.stop()
-            self.hep = None
-        if self.config.hep.address:
-            self.hep = HepExporter(self.config.hep, self.counters)
-            self.hep.start()
-        self._update_tracer()
-
-    def _update_tracer(self) -> None:
-        """The endpoint calls one tracer; it is installed only while someone consumes it (a
-        live trace, HEP), so with neither a message costs nothing extra."""
-        wanted = bool(self.trace_subscribers) or self.hep is not None
-        self.endpoint.tracer = self._trace if wanted else None
-
-    def _trace(self, direction: str, message: Message, peer: Peer) -> None:
-        local = self.endpoint.local_address(peer)
-        if self.hep is not None:
-            self.hep.offer(direction, message, peer.transport, local, (peer.host, peer.port))
-        item = None
-        for subscriber in self.trace_subscribers:
-            if not subscriber.wants(message):
-                continue
-            if item is None:
-                item = trace_record(
-                    direction, message, peer.transport, local, (peer.host, peer.port)
-                )
-            try:
-                subscriber.queue.put_nowait(item)
-            except asyncio.QueueFull:
-                subscriber.lost += 1
+    @property
+    def hep(self) -> HepExporter | None:
+        """The running HEP exporter (``[hep]``), if any."""
+        return self.taps.hep
 
     def stats(self) -> dict[str, Any]:
         return {"relay": dict(sorted(self.counters.items())), "kernel": self.policy.kernel_status()}
@@ -511,155 +395,4 @@ class Daemon:
         for link in set(self.links.values()):
             await link.close()
         await self.endpoint.close()
-        if self.hep is not None:
-            await self.hep.close()
-
-
-async def start_kernel_filter(config: ProxyConfig, policy: SourcePolicy) -> None:
-    """Load the XDP filter for ``policy`` (the daemon's, or the supervisor's when workers
-    run); when it cannot load, one error with the fix, and the relay checks sources itself.
-    ``xdp.interfaces = "auto"``: the interfaces carrying the listeners' addresses; a listed
-    name this host does not have stops the start (OSError naming it)."""
-    xdp = config.xdp
-    if not xdp.enabled:
-        policy.attach_kernel(None, "disabled in the config (xdp.enabled)")
-        return
-    if not xdp.interfaces:
-        policy.attach_kernel(None, "no interfaces configured (xdp.interfaces)")
-        return
-    import socket
-
-    from clearip.bpf.interfaces import pick, read_links
-    from clearip.bpf.loader import EdgeFilter, FilterUnavailable
-
-    auto = xdp.interfaces == "auto"
-
-    def interfaces() -> list[str]:
-        if auto:
-            chosen = pick(read_links(), [spec.address for spec in config.listeners])
-            for note in chosen.notes:
-                log.info("xdp.interfaces = auto: %s", note)
-            return list(chosen.names)
-        missing = []
-        for name in xdp.interfaces:
-            try:
-                socket.if_nametoindex(name)
-            except OSError:
-                missing.append(name)
-        if missing:
-            raise OSError(
-                errno.ENODEV,
-                f"xdp.interfaces lists {', '.join(map(repr, missing))}, which this host does "
-                'not have (check the config against `ip link`, or use interfaces = "auto")',
-            )
-        return list(xdp.interfaces)
-
-    def load() -> EdgeFilter | None:
-        names = interfaces()
-        if not names:
-            return None
-        return EdgeFilter.start(
-            interfaces=names,
-            mode=xdp.mode,
-            udp_ports=xdp.udp_ports,
-            tcp_ports=xdp.tcp_ports,
-            pin_dir=xdp.pin_dir,
-            trust=policy.trust,
-            emergency=policy.emergency.numbers(),
-            replace_foreign=xdp.replace_foreign,
-        )
-
-    try:
-        edge = await asyncio.get_running_loop().run_in_executor(None, load)
-    except FilterUnavailable as exc:
-        log.error(
-            "kernel filter off: %s. Fix: %s. Calls are still relayed; the relay refuses "
-            "untrusted sources itself.",
-            exc.reason,
-            exc.fix,
-        )
-        policy.attach_kernel(None, exc.reason)
-        return
-    if edge is None:
-        listening = ", ".join(sorted({spec.address for spec in config.listeners}))
-        policy.attach_kernel(
-            None,
-            f"xdp.interfaces = auto found no interface to protect (listening on "
-            f"{listening}; loopback is never filtered)",
-        )
-        log.warning("kernel filter off: %s", policy.kernel_error)
-        return
-    policy.attach_kernel(edge, chosen_by="auto" if auto else "")
-    log.info("kernel filter on: %s", policy.describe_kernel())
-
-
-def _host_addresses() -> set[str]:
-    """This host's addresses, so Record-Route entries naming any of them are recognised."""
-    out = {"127.0.0.1", "::1", "localhost"}
-    try:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            for addr in ipr.get_addr():
-                value = addr.get_attr("IFA_ADDRESS")
-                if value:
-                    out.add(str(value))
-    except Exception:  # pyroute2 missing or netlink refused: loopback is enough
-        pass
-    return out
-
-
-_LOG_HANDLER = "clearip"  # the name of the handler setup_logging installs
-_log_worker: int | None = None  # a worker's index, shown on each of its log lines
-
-
-def setup_logging(level: str, fmt: str, *, worker: int | None = None) -> None:
-    global _log_worker
-    _log_worker = worker
-    handler = logging.StreamHandler()
-    handler.set_name(_LOG_HANDLER)
-    handler.setFormatter(_formatter(fmt))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
-def apply_logging(level: str, fmt: str) -> None:
-    """A reloaded ``[log]``: the level, and the format of the handler setup_logging installed
-    (other handlers, such as a test runner's, are left alone)."""
-    root = logging.getLogger()
-    root.setLevel(level.upper())
-    for handler in root.handlers:
-        if handler.get_name() == _LOG_HANDLER:
-            handler.setFormatter(_formatter(fmt))
-
-
-def _formatter(fmt: str) -> logging.Formatter:
-    if fmt == "json":
-        return JsonFormatter()
-    who = "" if _log_worker is None else f"worker-{_log_worker} "
-    return logging.Formatter(f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s")
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, for journald and log shippers."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        if message.startswith("{"):
-            try:
-                payload = json.loads(message)
-            except ValueError:
-                payload = {"message": message}
-        else:
-            payload = {"message": message}
-        payload.update(
-            {
-                "ts": round(record.created, 3),
-                "level": record.levelname.lower(),
-                "logger": record.name,
-            }
-        )
-        if _log_worker is not None:
-            payload["worker"] = _log_worker
-        return json.dumps(payload, separators=(",", ":"))
+        await self.taps.close()

@@ -17,6 +17,7 @@ Rules:
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -190,3 +191,17 @@ def merge_snapshots(
         for view in views
     }
     return snapshot
+
+
+def merge_reload(views: Iterable[WorkerView]) -> tuple[dict[str, Any] | None, list[str]]:
+    """The workers' reload reports as one: the first that answered (they read the same file;
+    None when none did), and a line for each worker that did not reload and for reports that
+    differ."""
+    views = list(views)
+    problems = [f"worker {v.index} did not reload ({v.state})" for v in views if v.answer is None]
+    reports = _answers(views)
+    if not reports:
+        return None, problems
+    if any(r != reports[0] for r in reports):
+        problems.append(f"the workers' reload reports differ: {json.dumps(reports)}")
+    return reports[0], problems

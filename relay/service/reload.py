@@ -7,17 +7,24 @@ need a restart. A
 reload never half-applies: :func:`plan_reload` returns the config to run with (the new file's
 live settings, the running ones for the rest) plus one :class:`Change` per key, for the log and
 for the operator's report. Calls already being set up keep the config they started with.
+
+:func:`read_reload` is the one step that is not pure: the first step of every reload, the
+daemon's and the supervisor's alike (read the file, plan, re-read the policy files).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from clearip.relay.config import ProxyConfig
+from clearip.relay.config import ConfigError, ProxyConfig, load_config
+from clearip.relay.policy.sources import PolicyError, SourcePolicy
+from clearip.relay.policy.trust import TrustError
 from clearip.relay.transport.peer import ListenerSpec
 
 # ProxyConfig field -> (its name in the config file, applies without a restart). A nested
@@ -104,6 +111,51 @@ def plan_reload(old: ProxyConfig, new: ProxyConfig) -> ReloadPlan:
     return ReloadPlan(
         config=new.with_changes(**keep) if keep else new, live=tuple(live), restart=tuple(restart)
     )
+
+
+def read_reload(running: ProxyConfig, path: Path | None, policy: SourcePolicy) -> ReloadPlan:
+    """Read the config file at ``path`` (None: only the policy files are re-read), plan the
+    reload and re-read the trust list and emergency numbers into ``policy``. A bad file or a
+    kernel refusal is logged and raised (ConfigError, TrustError, PolicyError) and nothing
+    running has changed."""
+    try:
+        fresh = running if path is None else load_config(path)
+        plan = plan_reload(running, fresh)
+        try:
+            policy.reload(plan.config.trust_file, plan.config.emergency_numbers)
+        except TrustError as exc:
+            raise TrustError(f"proxy.trust_file: {exc}") from None
+    except (ConfigError, TrustError, PolicyError) as exc:
+        logging.getLogger("clearip.daemon").error(
+            "reload refused, every running setting kept: %s", exc
+        )
+        raise
+    return plan
+
+
+def log_changes(
+    plan: ReloadPlan, trust_before: list[tuple[Any, ...]], trust_after: list[tuple[Any, ...]]
+) -> list[Change]:
+    """Log what an applied reload changed and what waits for a restart; the live changes,
+    with the trust list's when its entries changed."""
+    log = logging.getLogger("clearip.daemon")
+    live = list(plan.live)
+    if trust_after != trust_before:
+        live.append(
+            Change("trust list", f"{len(trust_before)} entries", f"{len(trust_after)} entries")
+        )
+    for change in live:
+        log.info("reload: %s: %s -> %s", change.key, change.old, change.new)
+    for change in plan.restart:
+        log.warning(
+            "%s changed: needs a restart (running with %s, the file says %s)",
+            change.key,
+            change.old,
+            change.new,
+        )
+    if not live and not plan.restart:
+        log.info("reload: no changes")
+    return live
 
 
 def _same(name: str, before: Any, after: Any) -> bool:
