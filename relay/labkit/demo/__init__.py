@@ -31,7 +31,7 @@ from clearip.relay.config import ProxyConfig, UpstreamConfig, XdpConfig
 from clearip.relay.labkit.demo.agents import CallResult, Uac, Uas
 from clearip.relay.labkit.demo.ladder import Ladder
 from clearip.relay.labkit.demo.sipp import SIPP_CALLS, command, scenario_file
-from clearip.relay.labkit.emulator.rules import rules_from_data
+from clearip.relay.labkit.emulator.rules_toml import rules_from_data
 from clearip.relay.labkit.emulator.server import Emulator
 from clearip.relay.labkit.labca import make_lab_certificates
 from clearip.relay.policy.trust import Role, TrustEntry, TrustList, parse_cidr
