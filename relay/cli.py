@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "reload":
         return _reload(args.config)
     if args.command == "demo":
-        from clearip.relay.labkit.demo import main as demo_main
+        from clearip.relay.labkit.demo.run import main as demo_main
 
         return demo_main(json_output=args.json, keep_running=args.keep_running, xdp=args.xdp)
     return EXIT_ERROR
