@@ -7,6 +7,10 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from clearip.relay.config import ProxyConfig
 
 DEFAULT_CONFIG = "/etc/clearip-proxy/proxy.toml"
 
@@ -80,14 +84,22 @@ def _packaged_config() -> str:
     return files("clearip.relay").joinpath("data", "proxy.toml").read_text(encoding="utf-8")
 
 
-def _check_config(path: str) -> int:
+def _load_or_report(path: str) -> ProxyConfig | None:
+    """The config in ``path``, or None once its error is printed (the caller exits 2)."""
     from clearip.relay.config import ConfigError, load_config
-    from clearip.relay.policy.trust import TrustError, load_trust_file
 
     try:
-        config = load_config(path)
+        return load_config(path)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def _check_config(path: str) -> int:
+    from clearip.relay.policy.trust import TrustError, load_trust_file
+
+    config = _load_or_report(path)
+    if config is None:
         return EXIT_CONFIG
     try:
         trust = load_trust_file(config.trust_file)
@@ -107,15 +119,12 @@ def _check_config(path: str) -> int:
 
 
 def _run(path: str) -> int:
-    from clearip.relay.config import ConfigError, load_config
     from clearip.relay.policy.trust import TrustError
     from clearip.relay.service.daemon import Daemon
     from clearip.relay.service.logs import setup_logging
 
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    config = _load_or_report(path)
+    if config is None:
         return EXIT_CONFIG
     setup_logging(config.log_level, config.log_format)
     if config.worker_count() > 1:
@@ -288,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "reload":
         return _reload(args.config)
     if args.command == "demo":
-        from clearip.relay.labkit.demo import main as demo_main
+        from clearip.relay.labkit.demo.run import main as demo_main
 
         return demo_main(json_output=args.json, keep_running=args.keep_running, xdp=args.xdp)
     return EXIT_ERROR

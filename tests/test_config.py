@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from clearip.relay.config import ConfigError, ProxyConfig, config_from_data, load_config
+from clearip.relay.config import ConfigError, ProxyConfig, load_config
+from clearip.relay.config_toml import config_from_data
 
 PACKAGED = Path(__file__).resolve().parents[1] / "relay" / "data" / "proxy.toml"
 
@@ -87,22 +88,22 @@ def test_check_config_refuses_and_names_the_problem(tmp_path: Path) -> None:
 
 def _schema_keys() -> set[str]:
     """Every key the config reader asks for (``section.key``), from the reader itself."""
-    import clearip.relay.config as config_module
+    import clearip.relay.config_reader as config_module
 
     seen: set[str] = set()
-    finish = config_module._Reader.finish
+    finish = config_module.TableReader.finish
 
-    def recording_finish(reader: config_module._Reader) -> None:
+    def recording_finish(reader: config_module.TableReader) -> None:
         prefix = re.sub(r"\[\d+\]", "", reader.prefix)  # listen[0] -> listen
         seen.update(f"{prefix}.{name}" if prefix else name for name in reader.used)
         finish(reader)
 
-    config_module._Reader.finish = recording_finish  # type: ignore[method-assign]
+    config_module.TableReader.finish = recording_finish  # type: ignore[method-assign]
     try:
         load_config(PACKAGED)
         config_from_data({"upstream": {"inbound": {}}})
     finally:
-        config_module._Reader.finish = finish  # type: ignore[method-assign]
+        config_module.TableReader.finish = finish  # type: ignore[method-assign]
     return {key for key in seen if "." in key}  # the top level holds only tables
 
 

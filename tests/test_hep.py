@@ -28,7 +28,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clearip.relay.config import ConfigError, HepConfig, ProxyConfig, config_from_data
+from clearip.relay.config import ConfigError, HepConfig, ProxyConfig
+from clearip.relay.config_toml import config_from_data
 from clearip.relay.service import hep_export
 from clearip.relay.service.daemon import Daemon
 from clearip.relay.service.hep import HepError, HepRecord, decode, encode, parse_address, record_for

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from clearip.relay.config import ConfigError, config_from_data
+from clearip.relay.config import ConfigError
+from clearip.relay.config_toml import config_from_data
 from clearip.relay.transport.endpoint import SipEndpoint
 from clearip.relay.transport.peer import Peer
 from clearip.relay.transport.tls import ClientTls, FailureLog, failure_reason

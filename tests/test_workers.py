@@ -33,7 +33,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clearip.bpf.steering import worker_for
 from clearip.ctl.cli import Client
-from clearip.relay.config import ConfigError, ProxyConfig, config_from_data, cpu_workers
+from clearip.relay.config import ConfigError, ProxyConfig, cpu_workers
+from clearip.relay.config_toml import config_from_data
 from clearip.relay.proxy.latency import LatencyHistogram
 from clearip.relay.service.fleet import (
     WorkerView,

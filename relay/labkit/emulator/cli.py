@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 
 from clearip.relay.labkit.emulator.config import EmulatorConfig, load_config
-from clearip.relay.labkit.emulator.rules import DEFAULT_RULES, RulesError
+from clearip.relay.labkit.emulator.rules import RulesError
+from clearip.relay.labkit.emulator.rules_toml import DEFAULT_RULES
 from clearip.relay.labkit.emulator.server import run_emulator
 from clearip.relay.transport.peer import ListenerSpec
 

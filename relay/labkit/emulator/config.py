@@ -1,7 +1,7 @@
 """The emulator's configuration: listeners, TLS, and where to write what it reports.
 
-One TOML file carries everything: the rules (``[signing]``, ``[[rule]]``, see :mod:`rules`) and,
-optionally, where to listen::
+One TOML file carries everything: the rules (``[signing]``, ``[[rule]]``, see
+:mod:`rules_toml`) and, optionally, where to listen::
 
     [[listen]]
     transport = "tls"          # udp, tcp or tls
@@ -24,10 +24,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from clearip.relay.labkit.emulator.rules import (
+from clearip.relay.labkit.emulator.rules import RulesError, RuleSet
+from clearip.relay.labkit.emulator.rules_toml import (
     DEFAULT_RULES,
-    RulesError,
-    RuleSet,
     load_rules,
     read_toml,
     rules_from_data,
