@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from clearip.relay.proxy.core import ProxyCore
 from clearip.relay.proxy.effects import CallFinished, CancelTimer, Effect, Send, StartTimer
+from clearip.relay.proxy.timerkeys import TimerKey
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.peer import Peer
@@ -35,8 +36,6 @@ from clearip.relay.timerwheel import TimerWheel
 from clearip.relay.transport.udp import UdpSocket
 
 log = logging.getLogger("clearip.transport")
-
-TimerKey = tuple[Any, ...]
 
 
 class Endpoint(Protocol):
