@@ -13,6 +13,7 @@ from clearip.relay.policy.trust import Role
 from clearip.relay.proxy.core import ProxyCore
 from clearip.relay.proxy.effects import CallFinished, Effect, Send, StartTimer
 from clearip.relay.proxy.routing import Locality
+from clearip.relay.proxy.timerkeys import UPSTREAM, CallTimerKey
 from clearip.relay.sip.message import Request, Response
 from clearip.relay.sip.parser import parse_message
 from clearip.relay.transport.peer import LocalAddress, Peer
@@ -115,7 +116,10 @@ def test_invite_gets_100_and_goes_to_clearip_with_our_via(world: World) -> None:
     relayed = upstream[0]
     assert relayed.top_via.host == "203.0.113.5"
     assert relayed.get("max-forwards") == "69"
-    assert any(isinstance(e, StartTimer) and e.key[2] == "upstream" for e in effects)
+    call = next(iter(world.core.calls.values()))
+    assert any(
+        isinstance(e, StartTimer) and e.key == CallTimerKey(call.id, UPSTREAM) for e in effects
+    )
 
 
 def test_302_contacts_in_q_order_with_identity_copied(world: World) -> None:
@@ -180,7 +184,7 @@ def test_upstream_timeout_fails_open_with_reason(world: World) -> None:
     world.send(invite())
     call = next(iter(world.core.calls.values()))
     world.now[0] = 5.0
-    effects = world.core.on_timer(("call", call.id, "upstream"))
+    effects = world.core.on_timer(CallTimerKey(call.id, UPSTREAM))
     final = next(m for m, _ in sent(effects))
     assert isinstance(final, Response) and final.status == 503
     assert "fail-open" in (final.get("reason") or "")

@@ -19,6 +19,7 @@ from clearip.relay.policy.trust import Role, save_trust_file
 from clearip.relay.proxy.core import ProxyCore
 from clearip.relay.proxy.effects import Effect, StartTimer
 from clearip.relay.proxy.routing import Locality
+from clearip.relay.proxy.timerkeys import PROVIDER, UPSTREAM, CallTimerKey, TxTimerKey
 from clearip.relay.service.daemon import Daemon
 from clearip.relay.service.logs import apply_logging
 from clearip.relay.service.reload import KEYS, Change, plan_reload, report_lines
@@ -176,8 +177,12 @@ def core() -> ProxyCore:
     )
 
 
-def _timer(effects: list[Effect], what: str) -> float:
-    return next(e.delay for e in effects if isinstance(e, StartTimer) and e.key[2:3] == (what,))
+def _timer(effects: list[Effect], what: int) -> float:
+    return next(
+        e.delay
+        for e in effects
+        if isinstance(e, StartTimer) and isinstance(e.key, CallTimerKey) and e.key.what == what
+    )
 
 
 def _request(effects: list[Effect], peer: Peer) -> Request:
@@ -186,7 +191,7 @@ def _request(effects: list[Effect], peer: Peer) -> Request:
 
 def test_a_call_in_flight_keeps_the_config_it_started_with(core: ProxyCore) -> None:
     effects = core.on_message(invite(branch="z9hG4bKold"), Peer("udp", "192.0.2.10", 5060))
-    assert _timer(effects, "upstream") == 3.0
+    assert _timer(effects, UPSTREAM) == 3.0
     relayed = _request(effects, CLEARIP)
     # The reload: shorter timeouts, 503 no longer advances, no headers copied, T1 longer.
     core.use_config(
@@ -203,17 +208,19 @@ def test_a_call_in_flight_keeps_the_config_it_started_with(core: ProxyCore) -> N
         "Identity: eyJhbGciOiJFUzI1NiJ9.eyJhdHRlc3QiOiJCIn0.sig;info=<https://x/c.pem>\r\n"
     )
     effects = core.on_message(reply_to(relayed, 302, extra=contacts), CLEARIP)
-    assert _timer(effects, "provider") == 2.0  # the old provider_timeout
+    assert _timer(effects, PROVIDER) == 2.0  # the old provider_timeout
     to_a = _request(effects, A)
     assert to_a.get("identity"), "the old copy_headers applies"
-    retransmit = next(e for e in effects if isinstance(e, StartTimer) and e.key[0] == "tx")
+    retransmit = next(
+        e for e in effects if isinstance(e, StartTimer) and isinstance(e.key, TxTimerKey)
+    )
     assert retransmit.delay == 0.5  # Timer A = the old T1
     effects = core.on_message(reply_to(to_a, 503), A)
     assert _request(effects, B).uri_text == "sip:b@198.51.100.21", "503 still advances"
 
     # A call that starts after the reload gets the new settings.
     effects = core.on_message(invite(branch="z9hG4bKnew"), Peer("udp", "192.0.2.10", 5060))
-    assert _timer(effects, "upstream") == 1.0
+    assert _timer(effects, UPSTREAM) == 1.0
     assert [c.config.upstream_timeout for c in core.calls.values()] == [3.0, 1.0]
 
 

@@ -1,10 +1,28 @@
 """One INVITE's life in the proxy: the record the core keeps while a call is being set up.
 
-Phases::
+Phases, and the events that move a call from one to the next (:data:`PHASE_TABLE`)::
 
-    CLEARIP  --302-->  ROUTING  --2xx / final / all tried-->  DONE
-       |  \\--other final, timeout, upstream down, CANCEL--------> DONE
-       \\--(emergency: skips CLEARIP and starts in ROUTING)
+    CLEARIP --redirected--> ROUTING --final--> DONE
+      |  |                     ^
+      |  \\--emergency---------/
+      \\--final-------------------------------> DONE
+
+- redirected: ClearIP's 302 named usable Contacts (the destinations are tried in turn);
+- emergency: an emergency call with an emergency route (ClearIP is skipped);
+- final: the switch's final is decided. From CLEARIP: ClearIP's final relayed, fail-open
+  (slow, unreachable, link lost), the caller's CANCEL, an emergency call without a route.
+  From ROUTING: a destination's 2xx, the best final once all are tried, our 408/487/503.
+
+Rules:
+
+- A call changes phase only through :meth:`ProxyCall.advance` with one of the events
+  (:data:`REDIRECTED`, :data:`EMERGENCY`, :data:`FINAL`); ``phase`` is read-only. A pair
+  (phase, event) with no row in the table is a bug in the core, not something a peer can
+  cause (the core checks the phase before it decides): :class:`PhaseError` is raised.
+- The table is checked when the module is imported (every event known, DONE final, every
+  other phase able to end with a final), as the transactions' tables are
+  (``sip.transaction.base.compile_table``); the interpreter looks up one int per change.
+- A call is DONE once the switch's final is decided: from then on nothing changes its phase.
 
 The record exists only until the INVITE has its final response; in-dialog requests never
 touch it (they are routed by Record-Route alone), so it is gone when the call is answered.
@@ -13,7 +31,7 @@ touch it (they are routed by Record-Route alone), so it is gone when the call is
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, final
+from typing import Any, Final, final
 
 from clearip.relay.config import ProxyConfig
 from clearip.relay.policy.trust import Role
@@ -25,9 +43,53 @@ from clearip.relay.sip.transaction.matching import TransactionKey
 
 
 class Phase(Enum):
-    CLEARIP = "clearip"
-    ROUTING = "routing"
-    DONE = "done"
+    CLEARIP = "clearip"  # waiting for ClearIP's answer (where every call starts)
+    ROUTING = "routing"  # trying the destinations in turn
+    DONE = "done"  # the switch's final is decided
+
+
+#: What moves a call to another phase, by number (what :meth:`ProxyCall.advance` takes).
+PHASE_EVENTS: Final = ("redirected", "emergency", "final")
+REDIRECTED: Final = 0  # ClearIP's 302 named destinations to try
+EMERGENCY: Final = 1  # an emergency call: ClearIP skipped, the emergency route tried
+FINAL: Final = 2  # the final for the switch: relayed, or our own (fail-open, 408, 487...)
+
+#: The whole life of a call: ``(phase, event) -> next phase``. Nothing else is legal.
+PHASE_TABLE: Final = {
+    (Phase.CLEARIP, "redirected"): Phase.ROUTING,
+    (Phase.CLEARIP, "emergency"): Phase.ROUTING,
+    (Phase.CLEARIP, "final"): Phase.DONE,
+    (Phase.ROUTING, "final"): Phase.DONE,
+}
+
+
+class PhaseError(Exception):
+    """A phase change :data:`PHASE_TABLE` has no row for: a bug in the core."""
+
+
+_PHASES: Final = tuple(Phase)
+_ROW: Final = 4  # > len(PHASE_EVENTS): a (phase, event) pair is phase number * _ROW + event
+
+
+def compile_phase_table(table: dict[tuple[Phase, str], Phase]) -> dict[int, int]:
+    """``table`` as :meth:`ProxyCall.advance` reads it, ``phase * _ROW + event -> next phase``
+    (phases by their number in :class:`Phase`), checked: a typo or a call that could never
+    end fails here, at import, rather than as a :class:`PhaseError` in a live call."""
+    numbers = {phase: number for number, phase in enumerate(_PHASES)}
+    compiled: dict[int, int] = {}
+    for (phase, event), after in table.items():
+        if event not in PHASE_EVENTS:
+            raise TypeError(f"PHASE_TABLE: unknown event {event!r}")
+        if phase is Phase.DONE:
+            raise TypeError(f"PHASE_TABLE: a call never leaves DONE ({event!r})")
+        compiled[numbers[phase] * _ROW + PHASE_EVENTS.index(event)] = numbers[after]
+    for phase in _PHASES:
+        if phase is not Phase.DONE and numbers[phase] * _ROW + FINAL not in compiled:
+            raise TypeError(f"PHASE_TABLE: a call in {phase.name} cannot end (no 'final' row)")
+    return compiled
+
+
+_TABLE: Final = compile_phase_table(PHASE_TABLE)
 
 
 # Plain classes with a compiled __init__, not dataclasses (see clearip.relay.sip.record).
@@ -72,6 +134,7 @@ class ProxyCall:
     """One INVITE being set up (see the module docstring)."""
 
     __slots__ = (
+        "_phase",
         "branches",
         "cancelled",
         "clearip_latency",
@@ -86,7 +149,6 @@ class ProxyCall:
         "identity",
         "loop",
         "note",
-        "phase",
         "request",
         "role",
         "server_key",
@@ -119,7 +181,7 @@ class ProxyCall:
         # a reload never changes a call halfway (timeouts, routing, copied headers, timers).
         self.config = config
         self.loop = loop  # the request's loop_hash (§16.6 step 8), in every branch we send
-        self.phase = Phase.CLEARIP
+        self._phase = 0  # its number in Phase: CLEARIP (see advance)
         self.emergency = False
         self.upstream_key: TransactionKey | None = None
         self.upstream_peer: Peer | None = None
@@ -135,6 +197,21 @@ class ProxyCall:
         self.cancelled = False
         self.final_status: int | None = None
         self.note = ""
+
+    @property
+    def phase(self) -> Phase:
+        """Where the call is (changed only by :meth:`advance`)."""
+        return _PHASES[self._phase]
+
+    def advance(self, event: int) -> None:
+        """The one way a call changes phase: ``event`` (:data:`REDIRECTED`, :data:`EMERGENCY`,
+        :data:`FINAL`) moves it as :data:`PHASE_TABLE` says; :class:`PhaseError` when the
+        table has no such move from the phase it is in."""
+        after = _TABLE.get(self._phase * _ROW + event) if 0 <= event < _ROW else None
+        if after is None:
+            name = PHASE_EVENTS[event] if 0 <= event < len(PHASE_EVENTS) else str(event)
+            raise PhaseError(f"call {self.id}: no {name!r} move from {self.phase.name}")
+        self._phase = after
 
     @property
     def attestation(self) -> str | None:

@@ -1,7 +1,7 @@
 """Effects: the only way the sans-IO core acts on the world.
 
-The core returns lists of these; the asyncio shell performs them. Timer keys are opaque and
-hashable; re-starting a key replaces the running timer.
+The core returns lists of these; the asyncio shell performs them. Timer keys are typed values
+(:mod:`timerkeys`), hashable; re-starting a key replaces the running timer.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final, final
 
+from clearip.relay.proxy.timerkeys import TimerKey
 from clearip.relay.sip.message import Message
 from clearip.relay.sip.peer import Peer
 from clearip.relay.sip.record import Record
@@ -31,7 +32,7 @@ class StartTimer(Record):
     __slots__ = ("delay", "key")
     FIELDS = ("key", "delay")
 
-    def __init__(self, key: tuple[Any, ...], delay: float) -> None:
+    def __init__(self, key: TimerKey, delay: float) -> None:
         self.key: Final = key
         self.delay: Final = delay
 
@@ -41,7 +42,7 @@ class CancelTimer(Record):
     __slots__ = ("key",)
     FIELDS = ("key",)
 
-    def __init__(self, key: tuple[Any, ...]) -> None:
+    def __init__(self, key: TimerKey) -> None:
         self.key: Final = key
 
 

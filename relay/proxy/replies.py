@@ -1,10 +1,21 @@
-"""Responses the proxy generates itself (RFC 3261 §8.2.6.2), like Kamailio's ``sl`` module."""
+"""Responses the proxy generates itself (RFC 3261 §8.2.6.2), like Kamailio's ``sl`` module:
+the response itself (:func:`make_reply`), sent without a transaction (:func:`reply_stateless`),
+and the answers to requests for the proxy itself (OPTIONS, other methods: 405).
+"""
 
 from __future__ import annotations
 
 import hashlib
+from typing import Final
 
+from clearip.relay.proxy.effects import Effect, Send
 from clearip.relay.sip.message import Request, Response, select_headers
+from clearip.relay.sip.peer import Peer, response_peer
+
+#: The methods we relay (OPTIONS and 405 answers list them).
+ALLOW: Final = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, PRACK, INFO, NOTIFY, REFER, MESSAGE"
+_OPTIONS_HEADERS: Final = [("Allow", ALLOW), ("Accept", "application/sdp")]
+_ALLOW_HEADERS: Final = [("Allow", ALLOW)]
 
 # Headers copied from a request into a response made for it (§8.2.6.2).
 _COPIED = ("via", "from", "call-id", "cseq")
@@ -39,3 +50,29 @@ def make_reply(
     response.append("Server", server)
     response.append("Content-Length", "0")
     return response
+
+
+def reply_stateless(
+    request: Request,
+    peer: Peer,
+    status: int,
+    reason: str,
+    extra: list[tuple[str, str]] | None = None,
+) -> list[Effect]:
+    """Our response to ``request`` (from ``peer``), sent where its Via says (§18.2.2), with no
+    transaction: a retransmitted request is simply answered again."""
+    reply = make_reply(request, status, reason, extra=extra)
+    return [Send(reply, response_peer(request, peer))]
+
+
+def options_reply(request: Request, peer: Peer, *, available: bool) -> list[Effect]:
+    """An OPTIONS for the proxy itself: 200 with what we allow, or 503 when we are not
+    ``available`` (ClearIP unreachable: switches can route around us)."""
+    if available:
+        return reply_stateless(request, peer, 200, "OK", extra=_OPTIONS_HEADERS)
+    return reply_stateless(request, peer, 503, "ClearIP Unreachable")
+
+
+def method_not_allowed(request: Request, peer: Peer) -> list[Effect]:
+    """Any other request outside a dialog (not an INVITE): 405 with ``Allow``."""
+    return reply_stateless(request, peer, 405, "Method Not Allowed", extra=_ALLOW_HEADERS)

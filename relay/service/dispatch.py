@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from clearip.relay.proxy.core import ProxyCore
 from clearip.relay.proxy.effects import CallFinished, CancelTimer, Effect, Send, StartTimer
+from clearip.relay.proxy.timerkeys import TimerKey
 from clearip.relay.service.timerwheel import TimerWheel
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.message import Message, Request, Response
@@ -35,8 +36,6 @@ from clearip.relay.sip.peer import Peer
 from clearip.relay.transport.udp import UdpSocket
 
 log = logging.getLogger("clearip.transport")
-
-TimerKey = tuple[Any, ...]
 
 
 class Endpoint(Protocol):
