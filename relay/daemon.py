@@ -35,7 +35,8 @@ from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.parser import Limits
 from clearip.relay.trace import Subscriber
 from clearip.relay.trace import record as trace_record
-from clearip.relay.transport.endpoint import SipEndpoint, is_ip
+from clearip.relay.transport.addresses import is_ip
+from clearip.relay.transport.endpoint import SipEndpoint
 from clearip.relay.transport.peer import LocalAddress, Peer
 from clearip.relay.transport.tls import ClientTls
 from clearip.relay.trust import Role, TrustEntry, TrustError, TrustList

@@ -57,7 +57,8 @@ from clearip.bpf.steering import MAX_WORKERS, call_id_hash
 from clearip.relay.transport.peer import Peer
 
 if TYPE_CHECKING:
-    from clearip.relay.transport.endpoint import SipEndpoint, StreamConnection
+    from clearip.relay.transport.endpoint import SipEndpoint
+    from clearip.relay.transport.stream import StreamConnection
     from clearip.relay.worker_role import WorkerRole
 
 log = logging.getLogger("clearip.transport.handoff")
