@@ -50,7 +50,8 @@ from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.parser import DEFAULT_LIMITS, Limits, parse_message
 from clearip.relay.transport.addresses import LocalAddresses, is_ip
 from clearip.relay.transport.connections import CONNECT_TIMEOUT, StreamConnections
-from clearip.relay.transport.handoff import LOCAL_CONN_LIMIT, Handoff
+from clearip.relay.transport.handoff import Handoff
+from clearip.relay.transport.handoff_packets import LOCAL_CONN_LIMIT
 from clearip.relay.transport.listeners import bind_udp, join_steering
 from clearip.relay.transport.peer import STREAM_TRANSPORTS, ListenerSpec, LocalAddress, Peer
 from clearip.relay.transport.stream import StreamConnection
