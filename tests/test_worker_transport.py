@@ -33,7 +33,7 @@ from clearip.relay.sip.framing import StreamFramer
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.parser import parse_message
 from clearip.relay.transport.endpoint import SipEndpoint
-from clearip.relay.transport.handoff import (
+from clearip.relay.transport.handoff_packets import (
     HandoffError,
     Kind,
     Packet,

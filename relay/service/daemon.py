@@ -40,7 +40,8 @@ from clearip.relay.service.upstream import PROBE_PREFIX, UpstreamLink
 from clearip.relay.service.worker_role import WorkerRole
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.parser import Limits
-from clearip.relay.transport.endpoint import SipEndpoint, is_ip
+from clearip.relay.transport.addresses import is_ip
+from clearip.relay.transport.endpoint import SipEndpoint
 from clearip.relay.transport.peer import LocalAddress, Peer
 from clearip.relay.transport.tls import ClientTls
 

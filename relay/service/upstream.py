@@ -46,8 +46,9 @@ from clearip.relay.service.liveness import (
 )
 from clearip.relay.sip.message import Request, Response
 from clearip.relay.sip.via import MAGIC_COOKIE
-from clearip.relay.transport.endpoint import SipEndpoint, StreamConnection
+from clearip.relay.transport.endpoint import SipEndpoint
 from clearip.relay.transport.peer import Peer
+from clearip.relay.transport.stream import StreamConnection
 
 log = logging.getLogger("clearip.upstream")
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from clearip.relay.sip.message import Request, Response
 from clearip.relay.sip.uri import SipUri, parse_uri
-from clearip.relay.transport.endpoint import SipEndpoint, response_peer
-from clearip.relay.transport.peer import ListenerSpec, Peer
+from clearip.relay.transport.endpoint import SipEndpoint
+from clearip.relay.transport.peer import ListenerSpec, Peer, response_peer
 
 SDP = (
     b"v=0\r\no=demo 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"

@@ -55,8 +55,8 @@ from clearip.relay.sip.transaction.actions import (
 )
 from clearip.relay.sip.transaction.matching import TransactionKey, cancel_target_key, server_key
 from clearip.relay.sip.transaction.timers import DEFAULT_TIMERS, TimerSettings
-from clearip.relay.transport.endpoint import SipEndpoint, response_peer
-from clearip.relay.transport.peer import ListenerSpec, Peer
+from clearip.relay.transport.endpoint import SipEndpoint
+from clearip.relay.transport.peer import ListenerSpec, Peer, response_peer
 from clearip.relay.transport.tls import server_context
 
 log = logging.getLogger("clearip.emulator")

@@ -6,8 +6,9 @@ used here: every delay is returned in a :class:`StartTimer`, and the caller call
 ``on_timer(name)`` when it is due.
 
 Modules: :mod:`timers` (T1/T2/T4 and the values derived from them), :mod:`actions`,
-:mod:`base` (the transition-table interpreter), one module per machine, :mod:`matching`
-(transaction keys and a table) and :mod:`ack` (the hop-by-hop ACK and the CANCEL).
+:mod:`base` (the transition-table interpreter), :mod:`sides` (what the client machines and
+what the server machines share), one module per machine, :mod:`matching` (transaction keys
+and a table) and :mod:`ack` (the hop-by-hop ACK and the CANCEL).
 """
 
 from clearip.relay.sip.transaction.ack import ack_for, cancel_for

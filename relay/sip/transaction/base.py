@@ -32,15 +32,14 @@ from typing import ClassVar, Final, cast, final
 from clearip.relay.sip.message import Request, Response
 from clearip.relay.sip.transaction.actions import (
     Action,
-    DeliverResponse,
-    SendMessage,
     StartTimer,
     StopTimer,
     Terminated,
     Timeout,
     TransportError,
 )
-from clearip.relay.sip.transaction.timers import TIMER_NAMES, TimerSettings
+from clearip.relay.sip.transaction.matching import TransactionKey
+from clearip.relay.sip.transaction.timers import DEFAULT_TIMERS, TIMER_NAMES, TimerSettings
 
 #: Responses received (client) or sent by the TU (server, prefixed ``send_``).
 RESPONSE_EVENTS = ("1xx", "2xx", "3xx-6xx")
@@ -140,12 +139,26 @@ class Machine:
     """The interpreter of a transition table (see the module docstring).
 
     ``state`` is the machine's state enum member (what callers and tests read); the
-    interpreter dispatches on ``_state``, its position in the enum.
+    interpreter dispatches on ``_state``, its position in the enum. Every machine is created
+    the same way (this ``__init__``): each concrete machine only says which compiled table it
+    runs (``_compiled``), and its side (:mod:`sides`) how its request is keyed (``_key_for``).
     """
 
     TABLE: ClassVar[dict[tuple[Enum, str], tuple[Enum, str]]] = {}
 
-    def __init__(self, *, reliable: bool, timers: TimerSettings, table: Table) -> None:
+    def __init__(
+        self,
+        request: Request,
+        *,
+        reliable: bool,
+        timers: TimerSettings = DEFAULT_TIMERS,
+        key: TransactionKey | None = None,
+    ) -> None:
+        """``key``: the transaction's key for ``request`` (:meth:`_key_for`), when the caller
+        made it already."""
+        table = self._compiled()
+        self.request = request
+        self.key: TransactionKey = self._key_for(request) if key is None else key
         self.reliable = reliable
         self.timers = timers
         self._running = 0  # the timers running, as bits (_TIMER_BITS): no set per transaction
@@ -153,6 +166,14 @@ class Machine:
         self.state: Enum = table.initial
         self._state = table.initial_number
         self._over = False
+
+    def _compiled(self) -> Table:
+        """The machine's own TABLE, compiled (each machine returns its module's)."""
+        raise NotImplementedError
+
+    def _key_for(self, request: Request) -> TransactionKey:
+        """The transaction key of ``request`` (the client or the server one)."""
+        raise NotImplementedError
 
     @property
     def terminated(self) -> bool:
@@ -176,6 +197,12 @@ class Machine:
             return []
         self._state, self.state, self._over, effect = entry
         return effect(self)
+
+    def _fire_response(self, first: int, response: Response) -> list[Action]:
+        """Fire the event of ``response``'s class: ``first`` (its 1xx event) + 0, 1 or 2 for
+        1xx, 2xx, 3xx-6xx; a status outside 100-699 is no event (no actions)."""
+        code = _response_code(response.status)
+        return self._fire(first + code) if code >= 0 else []
 
     def _start_timer(self, name: str, delay: float) -> list[Action]:
         """Start (or restart) a timer; one of zero duration fires now, through the table."""
@@ -211,79 +238,3 @@ class Machine:
 
     def _nothing(self) -> list[Action]:
         return []
-
-
-class ClientMachine(Machine):
-    """What both client machines share: the request, :meth:`start` and response delivery.
-
-    ``RETRANSMIT``/``TIMEOUT`` name the machine's retransmission timer (A or E, UDP only) and
-    its timeout timer (B or F); both first run for ``timers.t1`` and ``timers.timeout``.
-    """
-
-    RETRANSMIT: ClassVar[str] = ""
-    TIMEOUT: ClassVar[str] = ""
-
-    def __init__(
-        self,
-        request: Request,
-        *,
-        reliable: bool,
-        timers: TimerSettings,
-        table: Table,
-    ) -> None:
-        super().__init__(reliable=reliable, timers=timers, table=table)
-        self.request = request
-        self._interval = timers.t1
-        self._started = False
-        self._response: Response | None = None
-
-    def start(self) -> list[Action]:
-        """Send the request; call once, right after creating the transaction."""
-        if self._started or self.terminated:
-            return []
-        self._started = True
-        actions: list[Action] = [SendMessage(self.request)]
-        if not self.reliable:
-            actions += self._start_timer(self.RETRANSMIT, self._interval)
-        return actions + self._start_timer(self.TIMEOUT, self.timers.timeout)
-
-    def on_response(self, response: Response) -> list[Action]:
-        """A response matched to this transaction (:func:`matching.client_key`)."""
-        self._response = response
-        code = _response_code(response.status)
-        return self._fire(EVENT_1XX + code) if code >= 0 else []
-
-    def _deliver(self) -> list[Action]:
-        assert self._response is not None
-        return [DeliverResponse(self._response)]
-
-
-class ServerMachine(Machine):
-    """What both server machines share: the request and sending the TU's responses."""
-
-    def __init__(
-        self,
-        request: Request,
-        *,
-        reliable: bool,
-        timers: TimerSettings,
-        table: Table,
-    ) -> None:
-        super().__init__(reliable=reliable, timers=timers, table=table)
-        self.request = request
-        self._last: Response | None = None  # the latest response sent
-        self._outgoing: Response | None = None
-
-    def send_response(self, response: Response) -> list[Action]:
-        """A response from the TU."""
-        self._outgoing = response
-        code = _response_code(response.status)
-        return self._fire(EVENT_SEND_1XX + code) if code >= 0 else []
-
-    def _send(self) -> list[Action]:
-        assert self._outgoing is not None
-        self._last = self._outgoing
-        return [SendMessage(self._outgoing)]
-
-    def _resend_last(self) -> list[Action]:
-        return [SendMessage(self._last)] if self._last is not None else []

@@ -28,9 +28,8 @@ from enum import Enum, auto
 from clearip.relay.sip.message import Request
 from clearip.relay.sip.transaction.ack import ack_for
 from clearip.relay.sip.transaction.actions import Action, SendMessage
-from clearip.relay.sip.transaction.base import ClientMachine, compile_table
-from clearip.relay.sip.transaction.matching import TransactionKey, client_key_for
-from clearip.relay.sip.transaction.timers import DEFAULT_TIMERS, TimerSettings
+from clearip.relay.sip.transaction.base import Table, compile_table
+from clearip.relay.sip.transaction.sides import ClientMachine
 
 
 class ClientInviteState(Enum):
@@ -47,6 +46,7 @@ S = ClientInviteState
 class ClientInviteTransaction(ClientMachine):
     RETRANSMIT = "A"
     TIMEOUT = "B"
+    _ack: Request | None = None  # the ACK of the 300-699 received
     TABLE = {
         (S.CALLING, "timer_A"): (S.CALLING, "_retransmit"),
         (S.CALLING, "timer_B"): (S.TERMINATED, "_timeout"),
@@ -65,18 +65,8 @@ class ClientInviteTransaction(ClientMachine):
         (S.ACCEPTED, "timer_M"): (S.TERMINATED, "_terminate"),
     }
 
-    def __init__(
-        self,
-        request: Request,
-        *,
-        reliable: bool,
-        timers: TimerSettings = DEFAULT_TIMERS,
-        key: TransactionKey | None = None,
-    ) -> None:
-        """``key``: :func:`client_key_for` of ``request``, when the caller made it already."""
-        super().__init__(request, reliable=reliable, timers=timers, table=_TABLE)
-        self.key: TransactionKey = client_key_for(request) if key is None else key
-        self._ack: Request | None = None
+    def _compiled(self) -> Table:
+        return _TABLE
 
     # -- effects -------------------------------------------------------------------------------
     def _retransmit(self) -> list[Action]:

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 from enum import Enum, auto
 
-from clearip.relay.sip.message import Request
 from clearip.relay.sip.transaction.actions import Action, SendMessage
-from clearip.relay.sip.transaction.base import ClientMachine, compile_table
-from clearip.relay.sip.transaction.matching import TransactionKey, client_key_for
-from clearip.relay.sip.transaction.timers import DEFAULT_TIMERS, TimerSettings
+from clearip.relay.sip.transaction.base import Table, compile_table
+from clearip.relay.sip.transaction.sides import ClientMachine
 
 
 class ClientNonInviteState(Enum):
@@ -57,11 +55,8 @@ class ClientNonInviteTransaction(ClientMachine):
         (S.COMPLETED, "timer_K"): (S.TERMINATED, "_terminate"),
     }
 
-    def __init__(
-        self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS
-    ) -> None:
-        super().__init__(request, reliable=reliable, timers=timers, table=_TABLE)
-        self.key: TransactionKey = client_key_for(request)
+    def _compiled(self) -> Table:
+        return _TABLE
 
     # -- effects -------------------------------------------------------------------------------
     def _retransmit(self) -> list[Action]:

@@ -37,18 +37,9 @@ from enum import Enum, auto
 from clearip.relay.sip.errors import SipParseError
 from clearip.relay.sip.message import Message, Request, Response
 from clearip.relay.sip.transaction.actions import Action, DeliverRequest
-from clearip.relay.sip.transaction.base import (
-    EVENT_ACK,
-    EVENT_REQUEST,
-    ServerMachine,
-    compile_table,
-)
-from clearip.relay.sip.transaction.matching import (
-    TransactionKey,
-    has_rfc3261_branch,
-    server_key,
-)
-from clearip.relay.sip.transaction.timers import DEFAULT_TIMERS, TimerSettings
+from clearip.relay.sip.transaction.base import EVENT_ACK, EVENT_REQUEST, Table, compile_table
+from clearip.relay.sip.transaction.matching import has_rfc3261_branch
+from clearip.relay.sip.transaction.sides import ServerMachine
 
 
 class ServerInviteState(Enum):
@@ -63,6 +54,9 @@ S = ServerInviteState
 
 
 class ServerInviteTransaction(ServerMachine):
+    _interval: float = 0.0  # Timer G's interval, from the 300-699 sent
+    _final: Response | None = None  # the 300-699 sent, kept for an RFC 2543 ACK's To tag
+    _ack: Request | None = None  # the ACK being handled
     TABLE = {
         (S.PROCEEDING, "request"): (S.PROCEEDING, "_resend_last"),
         (S.PROCEEDING, "send_1xx"): (S.PROCEEDING, "_send"),
@@ -81,28 +75,15 @@ class ServerInviteTransaction(ServerMachine):
         (S.ACCEPTED, "transport_error"): (S.TERMINATED, "_transport_error"),
     }
 
-    def __init__(
-        self,
-        request: Request,
-        *,
-        reliable: bool,
-        timers: TimerSettings = DEFAULT_TIMERS,
-        key: TransactionKey | None = None,
-    ) -> None:
-        """``key``: :func:`server_key` of ``request``, when the caller made it already."""
-        super().__init__(request, reliable=reliable, timers=timers, table=_TABLE)
-        self.key: TransactionKey = server_key(request) if key is None else key
-        self._rfc3261 = has_rfc3261_branch(request)
-        self._interval = timers.timer_g
-        self._final: Response | None = None  # the 300-699 sent, once Completed
-        self._ack: Request | None = None
+    def _compiled(self) -> Table:
+        return _TABLE
 
     def on_request(self, request: Request) -> list[Action]:
         """A retransmitted INVITE or an ACK matched to this transaction."""
         if request.method == "ACK":
-            if not self._rfc3261 and self._final is not None:
-                if _to_tag(request) != _to_tag(self._final):
-                    return []
+            final = self._final
+            if final is not None and _to_tag(request) != _to_tag(final):
+                return []
             self._ack = request
             return self._fire(EVENT_ACK)
         if request.method == "INVITE":
@@ -115,7 +96,9 @@ class ServerInviteTransaction(ServerMachine):
 
     def _completed(self) -> list[Action]:
         actions = self._send()
-        self._final = self._last
+        if not has_rfc3261_branch(self.request):  # its ACK must carry this final's To tag
+            self._final = self._last
+        self._interval = self.timers.timer_g
         if not self.reliable:
             actions += self._start_timer("G", self._interval)
         return actions + self._start_timer("H", self.timers.timer_h)

@@ -23,9 +23,8 @@ from enum import Enum, auto
 
 from clearip.relay.sip.message import Request
 from clearip.relay.sip.transaction.actions import Action
-from clearip.relay.sip.transaction.base import EVENT_REQUEST, ServerMachine, compile_table
-from clearip.relay.sip.transaction.matching import TransactionKey, server_key
-from clearip.relay.sip.transaction.timers import DEFAULT_TIMERS, TimerSettings
+from clearip.relay.sip.transaction.base import EVENT_REQUEST, Table, compile_table
+from clearip.relay.sip.transaction.sides import ServerMachine
 
 
 class ServerNonInviteState(Enum):
@@ -55,11 +54,8 @@ class ServerNonInviteTransaction(ServerMachine):
         (S.COMPLETED, "transport_error"): (S.TERMINATED, "_transport_error"),
     }
 
-    def __init__(
-        self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS
-    ) -> None:
-        super().__init__(request, reliable=reliable, timers=timers, table=_TABLE)
-        self.key: TransactionKey = server_key(request)
+    def _compiled(self) -> Table:
+        return _TABLE
 
     def on_request(self, request: Request) -> list[Action]:
         """A retransmission of the request matched to this transaction."""
