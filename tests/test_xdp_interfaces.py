@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from clearip.bpf.interfaces import Link, pick
-from clearip.bpf.loader import port_words
+from clearip.bpf.layout import port_words
 from clearip.relay.config import ConfigError, XdpConfig, config_from_data
 
 LO = Link("lo", 1, ethernet=False, addresses=("127.0.0.1", "::1"))
