@@ -394,7 +394,7 @@ def start_relay(
 
 def relay_status(control_socket: Path) -> dict[str, Any]:
     """The daemon's ``status`` over its control socket (active calls/transactions, upstreams)."""
-    from clearip.ctl.cli import Client
+    from clearip.ctl.client import Client
 
     reply = Client(str(control_socket)).call("status")
     result = reply.get("result")

@@ -40,8 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clearip.bpf import syscall
-from clearip.bpf.loader import EdgeFilter, port_words
+from clearip.bpf import loader, syscall
+from clearip.bpf.edge_filter import EdgeFilter
+from clearip.bpf.layout import port_words
 from clearip.relay.policy.trust import Role, TrustEntry, parse_cidr
 
 TRUSTED, UNTRUSTED, PROXY = "10.0.0.1", "10.0.0.2", "10.0.0.9"
@@ -180,7 +181,9 @@ def baseline_program(spec: str) -> Iterator[Program]:
         raise SystemExit(f"--baseline {spec}: no XDP entry function found")
     pins = Path(f"/sys/fs/bpf/cip-bench-base-{os.getpid()}")
     pins.mkdir(parents=True, exist_ok=True)
-    module = bcc.BPF(text=text.encode(), cflags=[f'-DPIN_DIR="{pins}"', "-Wno-unused-value"])
+    # This checkout's bpf/ on the include path: a baseline that includes emergency_invite.h
+    # compiles with today's copy of it.
+    module = bcc.BPF(text=text.encode(), cflags=loader.cflags(PIN_DIR=pins))
     try:
         function = module.load_func(entry.group(1).encode(), bcc.BPF.XDP)
         if "sip_ports" in text:

@@ -58,7 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import xdp_cost
-from clearip.bpf.loader import EdgeFilter, detach_pinned
+from clearip.bpf.edge_filter import EdgeFilter
+from clearip.bpf.pins import detach_pinned
 from clearip.relay.policy.trust import Role, TrustEntry, parse_cidr
 from lab.netns import Topology, build, destroy
 

@@ -53,16 +53,30 @@ def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, 
 
 
 def _elem(
-    cmd: int, fd: int, key: bytes, value: ctypes.Array[ctypes.c_char] | None, flags: int
-) -> int:
-    key_buf = _buffer(key)
+    cmd: int, fd: int, key: bytes | None, value: ctypes.Array[ctypes.c_char] | None, flags: int
+) -> None:
+    """One command on one element (key None: NULL, the first key for BPF_MAP_GET_NEXT_KEY;
+    value: the value, or the next key)."""
+    key_buf = _buffer(key) if key is not None else None
     attr = _attr()
     _put(attr, 0, ctypes.c_uint32, fd)
-    _put(attr, 8, ctypes.c_uint64, ctypes.addressof(key_buf))
+    if key_buf is not None:
+        _put(attr, 8, ctypes.c_uint64, ctypes.addressof(key_buf))
     if value is not None:
         _put(attr, 16, ctypes.c_uint64, ctypes.addressof(value))
     _put(attr, 24, ctypes.c_uint64, flags)
-    return _bpf(cmd, attr)
+    _bpf(cmd, attr)
+
+
+def _found(cmd: int, fd: int, key: bytes | None, value: ctypes.Array[ctypes.c_char] | None) -> bool:
+    """The same; False when the map has no such element (ENOENT)."""
+    try:
+        _elem(cmd, fd, key, value, 0)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True
 
 
 def update(fd: int, key: bytes, value: bytes) -> None:
@@ -72,46 +86,25 @@ def update(fd: int, key: bytes, value: bytes) -> None:
 def lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     """The value stored under ``key``, or None when there is none."""
     value = _buffer(value_size)
-    try:
-        _elem(BPF_MAP_LOOKUP_ELEM, fd, key, value, 0)
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return None
-        raise
+    if not _found(BPF_MAP_LOOKUP_ELEM, fd, key, value):
+        return None
     return value.raw[:value_size]
 
 
 def delete(fd: int, key: bytes) -> bool:
     """Remove ``key``; False when it was not there."""
-    try:
-        _elem(BPF_MAP_DELETE_ELEM, fd, key, None, 0)
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return False
-        raise
-    return True
+    return _found(BPF_MAP_DELETE_ELEM, fd, key, None)
 
 
 def keys(fd: int, key_size: int) -> list[bytes]:
     """Every key of a hash map (a snapshot; entries may change meanwhile)."""
     out: list[bytes] = []
     following = _buffer(key_size)
-    current: bytes | None = None
-    while True:
-        key_buf = _buffer(current if current is not None else bytes(key_size))
-        attr = _attr()
-        _put(attr, 0, ctypes.c_uint32, fd)
-        if current is not None:
-            _put(attr, 8, ctypes.c_uint64, ctypes.addressof(key_buf))  # NULL key: the first
-        _put(attr, 16, ctypes.c_uint64, ctypes.addressof(following))
-        try:
-            _bpf(BPF_MAP_GET_NEXT_KEY, attr)
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                return out
-            raise
+    current: bytes | None = None  # NULL: the first key
+    while _found(BPF_MAP_GET_NEXT_KEY, fd, current, following):
         current = following.raw[:key_size]
         out.append(current)
+    return out
 
 
 def possible_cpus() -> int:

@@ -15,7 +15,7 @@
 // - Where a loop can stop at any of many positions, the position (and the length `n`) goes
 //   through the scratch map and is read back with a volatile load (FORGET): the verifier then
 //   sees one unknown, bounded value instead of one constant per stop and checks the code
-//   after the loop once. The whole program verifies in about 204,000 of the 1,000,000
+//   after the loop once. The whole program verifies in about 206,000 of the 1,000,000
 //   instructions the verifier allows (Linux 6.x; verified_insns in the loader).
 // - The sockets map (REUSEPORT_SOCKARRAY) is created and pinned by the loader (bcc has no
 //   declaration for that map type) and reaches this program as a map fd (SOCKS_FD). It and
@@ -39,9 +39,10 @@
 // - Emergency queue: a datagram that starts with "INVITE sip:", "INVITE sips:" or "INVITE tel:"
 //   (scheme in any case) followed by a number in the `emergency` map (digits only, at most
 //   15, one leading '+' and the visual separators - . ( ) skipped; then '@', ';', ' ', '>' or
-//   '?'; the same parse and key layout as xdp_filter.c, so one number list fills both maps)
-//   goes to slot `workers + hash % workers`: the emergency socket of the same owner. If that
-//   slot is empty it goes to the owner's normal socket (counted emergency_to_normal).
+//   '?'; the parse and key layout of emergency_invite.h, which xdp_filter.c uses too, so one
+//   number list fills both maps) goes to slot `workers + hash % workers`: the emergency
+//   socket of the same owner. If that slot is empty it goes to the owner's normal socket
+//   (counted emergency_to_normal).
 //
 // Limits
 // - The LF before the header name must be within the first WINDOW (1,400) bytes of the UDP
@@ -73,6 +74,8 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
 
+#include "emergency_invite.h"  // struct number_key, the INVITE parse (shared with xdp_filter.c)
+
 #ifndef PIN_DIR
 #define PIN_DIR "/sys/fs/bpf/clearip-reuseport"
 #endif
@@ -98,7 +101,6 @@
 #define COPY (WINDOW + NAME + MAX_SPACE + 1 + MAX_SPACE + MAX_VALUE)
 #define BUF 2048  // a power of two above COPY + 7 (the scratch buffer; see steer())
 #define MAX_WORKERS 128
-#define MAX_DIGITS 15
 
 #define FNV_OFFSET 0x811c9dc5u
 #define FNV_PRIME 0x01000193u
@@ -115,13 +117,6 @@
 
 struct steering_config {
     u32 workers;
-};
-
-// Up to 15 ASCII digits, zero-padded; byte i of the number is byte i of (lo, hi) on
-// little-endian hosts. The key of xdp_filter.c's `emergency` map.
-struct number_key {
-    u64 lo;
-    u64 hi;
 };
 
 struct scratch {
@@ -256,57 +251,27 @@ static __always_inline int hash_value(struct scratch *s, u32 *hash) {
     return length > 0;
 }
 
-// 1 when the datagram is an INVITE to an emergency number (xdp_filter.c's parse).
+// 1 when the datagram is an INVITE to an emergency number (emergency_invite.h's parse, the
+// same as xdp_filter.c's), read from the copy below its length n.
 static __always_inline int is_emergency_invite(struct scratch *s, u32 n) {
-    u8 *b = s->buf;
-    if (n < 12)
+    if (n < INVITE_PREFIX)
         return 0;
-    if (b[0] != 'I' || b[1] != 'N' || b[2] != 'V' || b[3] != 'I' || b[4] != 'T' || b[5] != 'E' ||
-        b[6] != ' ')
+    u32 offset = invite_number_at(s->buf);
+    if (!offset)
         return 0;
-    u8 s0 = b[7] | 0x20, s1 = b[8] | 0x20, s2 = b[9] | 0x20, s3 = b[10] | 0x20;
-    u32 offset;
-    if (s0 == 's' && s1 == 'i' && s2 == 'p' && b[10] == ':')
-        offset = 11;
-    else if (s0 == 's' && s1 == 'i' && s2 == 'p' && s3 == 's' && b[11] == ':')
-        offset = 12;
-    else if (s0 == 't' && s1 == 'e' && s2 == 'l' && b[10] == ':')
-        offset = 11;
-    else
-        return 0;
-
     struct number_key key = {};
     u32 digits = 0;
-    int ended = 0;
+    int step = NUMBER_MORE;
 #pragma unroll
-    for (int i = 0; i < 24; i++) {
+    for (int i = 0; i < NUMBER_SCAN; i++) {
         u32 p = offset + i;
         if (p >= n)
             return 0;
-        u8 c = b[p];
-        if (c >= '0' && c <= '9') {
-            if (digits >= MAX_DIGITS)
-                return 0;
-            if (digits < 8)
-                key.lo |= (u64)c << (digits * 8);
-            else
-                key.hi |= (u64)c << ((digits - 8) * 8);
-            digits++;
-            continue;
-        }
-        if (c == '+' && i == 0)
-            continue;
-        if (c == '-' || c == '.' || c == '(' || c == ')')
-            continue;
-        if (c == '@' || c == ';' || c == ' ' || c == '>' || c == '?') {
-            ended = 1;
+        step = number_byte(&key, &digits, s->buf[p], i);
+        if (step != NUMBER_MORE)
             break;
-        }
-        return 0;
     }
-    if (!ended || digits == 0)
-        return 0;
-    return emergency.lookup(&key) != NULL;
+    return step == NUMBER_END && emergency.lookup(&key) != NULL;
 }
 
 static __always_inline int select_slot(struct sk_reuseport_md *md, u32 slot) {

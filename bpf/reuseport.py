@@ -41,20 +41,17 @@ Failure
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import hashlib
 import os
-import platform
 import shutil
 import socket
-import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from clearip.bpf import bpfmaps, syscall
+from clearip.bpf import bpfmaps, loader, syscall
 from clearip.bpf.loader import FilterUnavailable, install_hint
+from clearip.bpf.pins import ensure_bpffs, maps_name, pin, remove_stale_maps
 from clearip.bpf.steering import MAX_WORKERS, OUTCOMES
 from clearip.relay.policy.emergency import validate_number
 
@@ -74,11 +71,6 @@ class SteeringUnavailable(FilterUnavailable):
     XDP filter's exception, so one handler serves both kernel programs)."""
 
 
-def layout(source: str) -> str:
-    """The pin sub-directory of the per-program maps: same text, same maps."""
-    return "maps-" + hashlib.sha256(source.encode()).hexdigest()[:12]
-
-
 def _check_workers(workers: int) -> int:
     if not 0 < workers <= MAX_WORKERS:
         raise ValueError(f"workers must be 1 to {MAX_WORKERS}, not {workers}")
@@ -88,26 +80,6 @@ def _check_workers(workers: int) -> int:
 def _check_udp(sock: socket.socket) -> None:
     if sock.type != socket.SOCK_DGRAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
         raise ValueError("Call-ID steering is for UDP sockets (IPv4 or IPv6)")
-
-
-def _ensure_bpffs(pin_dir: Path) -> None:
-    root = Path("/sys/fs/bpf")
-    if not os.path.ismount(root):
-        result = subprocess.run(
-            ["mount", "-t", "bpf", "bpf", str(root)], capture_output=True, text=True, check=False
-        )
-        if result.returncode != 0:
-            raise SteeringUnavailable(
-                f"bpffs is not mounted at {root}: {result.stderr.strip()}",
-                "mount -t bpf bpf /sys/fs/bpf",
-            )
-    pin_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _pin(fd: int, path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    syscall.obj_pin(fd, str(path))
 
 
 class WorkerSteering:
@@ -247,35 +219,17 @@ class ReuseportSteering(WorkerSteering):
         """Compile, load, fill and pin; raises :class:`SteeringUnavailable` with the fix."""
         _check_workers(workers)
         numbers = {validate_number(n) for n in emergency}
-        try:
-            import bcc
-        except ImportError:
-            raise SteeringUnavailable(
-                "bcc's Python module is not installed", install_hint()
-            ) from None
-        if os.geteuid() != 0:
-            raise SteeringUnavailable(
-                "loading the steering program needs root (CAP_BPF, CAP_NET_ADMIN)",
-                "run the supervisor as root",
-            )
-        headers = Path("/lib/modules") / platform.release() / "build"
-        if not headers.exists():
-            raise SteeringUnavailable(f"no kernel headers at {headers}", install_hint())
+        bcc = loader.prerequisites(SteeringUnavailable, "the steering program", "the supervisor")
         pins = Path(pin_dir)
-        _ensure_bpffs(pins)
+        ensure_bpffs(pins, SteeringUnavailable)
         source = SOURCE.read_text()
-        maps = pins / layout(source)
+        maps = pins / maps_name(source)
         maps.mkdir(exist_ok=True)
         socks_fd = _socket_map(pins / "socks")
         try:
             bpf = bcc.BPF(
                 text=source.encode(),
-                cflags=[
-                    f"-DSOCKS_FD={socks_fd}",
-                    f'-DPIN_DIR="{pins}"',
-                    f'-DMAPS_DIR="{maps}"',
-                    "-Wno-unused-value",
-                ],
+                cflags=loader.cflags(SOCKS_FD=socks_fd, PIN_DIR=pins, MAPS_DIR=maps),
             )
             function = bpf.load_func(b"steer", BPF_PROG_TYPE_SK_REUSEPORT)
         except Exception as exc:  # bcc raises bare Exception for compile/load failures
@@ -291,11 +245,11 @@ class ReuseportSteering(WorkerSteering):
         try:
             steering.set_workers(workers)
             steering.set_emergency(numbers)
-            _pin(prog_fd, pins / "prog")
+            pin(prog_fd, pins / "prog")
         except Exception:
             steering.close()
             raise
-        steering._remove_stale_pins(keep=maps)
+        remove_stale_maps(pins, keep=maps)
         return steering
 
     # -- maps ----------------------------------------------------------------------------------
@@ -334,11 +288,6 @@ class ReuseportSteering(WorkerSteering):
         return info.run_cnt, info.run_time_ns
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def _remove_stale_pins(self, keep: Path) -> None:
-        for path in self.pin_dir.glob("maps-*"):
-            if path != keep and path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-
     def close(self) -> None:
         """Drop the supervisor's handles; the program, its pins and registrations stay."""
         for name in ("_emergency_fd", "_counters_fd"):
@@ -368,7 +317,7 @@ def _socket_map(path: Path) -> int:
             f"cannot create the socket map: {exc.strerror}",
             "run as root on a kernel with BPF_MAP_TYPE_REUSEPORT_SOCKARRAY (4.19+)",
         ) from None
-    _pin(fd, path)
+    pin(fd, path)
     return fd
 
 

@@ -31,9 +31,10 @@
 // - Emergency marking: a UDP datagram to a SIP port from a trusted source that starts with
 //   "INVITE sip:", "INVITE sips:" or "INVITE tel:" (scheme in any case) followed by a number in
 //   the `emergency` map (digits only, at most 15, one leading '+' and the visual separators
-//   - . ( ) skipped, as relay/policy/emergency.py normalises) and then '@', ';', ' ', '>' or '?' gets
-//   DSCP EF (46) in the IPv4 TOS (checksum fixed incrementally, ECN bits kept) or the IPv6
-//   traffic class (ECN bits kept), and is counted. Only the first fragment of a fragmented
+//   - . ( ) skipped, as relay/policy/emergency.py normalises) and then '@', ';', ' ', '>' or '?'
+//   (the parse of emergency_invite.h, shared with reuseport.c) gets DSCP EF (46) in the IPv4
+//   TOS (checksum fixed incrementally, ECN bits kept) or the IPv6 traffic class (ECN bits
+//   kept), and is counted. Only the first fragment of a fragmented
 //   INVITE is marked; the reassembled datagram carries the first fragment's TOS.
 //   The relay reads the mark with IP_RECVTOS / IPV6_RECVTCLASS and handles it first.
 // - Counters: `counters`, a per-CPU array with one slot per receiving interface (slot =
@@ -69,6 +70,8 @@
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
 
+#include "emergency_invite.h"  // struct number_key, the INVITE parse (shared with reuseport.c)
+
 #ifndef PIN_DIR
 #define PIN_DIR "/sys/fs/bpf/clearip"
 #endif
@@ -90,7 +93,6 @@
 #define PORT_WORDS 1024             // 65536 ports / 64 bits, per protocol
 #define PORTS_TCP PORT_WORDS        // TCP words follow the UDP words
 
-#define MAX_DIGITS 15
 #define DSCP_EF 46
 
 struct lpm_v4 {
@@ -101,14 +103,6 @@ struct lpm_v4 {
 struct lpm_v6 {
     u32 prefixlen;
     u8 addr[16];
-};
-
-// Up to 15 ASCII digits, zero-padded; byte i of the number is byte i of (lo, hi) on the
-// little-endian hosts XDP runs on. Built with shifts: the verifier refuses stack writes at a
-// variable index.
-struct number_key {
-    u64 lo;
-    u64 hi;
 };
 
 struct source_key {
@@ -268,59 +262,27 @@ static __always_inline int later_fragment(struct iface_counts *counts, struct ip
     return count(counts, COUNTER_PARSE_GIVEUP, XDP_PASS);
 }
 
-// 1 when the UDP payload is an INVITE to an emergency number.
+// 1 when the UDP payload is an INVITE to an emergency number (emergency_invite.h's parse,
+// each byte checked against the packet's end before it is read).
 static __always_inline int is_emergency_invite(u8 *payload, void *end) {
-    // "INVITE " + scheme (at most "sips:") + number with separators.
-    if ((void *)(payload + 12) > end)
+    if ((void *)(payload + INVITE_PREFIX) > end)
         return 0;
-    if (payload[0] != 'I' || payload[1] != 'N' || payload[2] != 'V' || payload[3] != 'I' ||
-        payload[4] != 'T' || payload[5] != 'E' || payload[6] != ' ')
+    u32 offset = invite_number_at(payload);
+    if (!offset)
         return 0;
-    // URI schemes are case-insensitive (RFC 3261 19.1.4): compare with the ASCII case bit set.
-    u8 s0 = payload[7] | 0x20, s1 = payload[8] | 0x20, s2 = payload[9] | 0x20;
-    u8 s3 = payload[10] | 0x20;
-    u32 offset;
-    if (s0 == 's' && s1 == 'i' && s2 == 'p' && payload[10] == ':')
-        offset = 11;
-    else if (s0 == 's' && s1 == 'i' && s2 == 'p' && s3 == 's' && payload[11] == ':')
-        offset = 12;
-    else if (s0 == 't' && s1 == 'e' && s2 == 'l' && payload[10] == ':')
-        offset = 11;
-    else
-        return 0;
-
     struct number_key key = {};
     u32 digits = 0;
-    int ended = 0;
+    int step = NUMBER_MORE;
 #pragma unroll
-    for (int i = 0; i < 24; i++) {
+    for (int i = 0; i < NUMBER_SCAN; i++) {
         u8 *p = payload + offset + i;
         if ((void *)(p + 1) > end)
             return 0;
-        u8 c = *p;
-        if (c >= '0' && c <= '9') {
-            if (digits >= MAX_DIGITS)
-                return 0;
-            if (digits < 8)
-                key.lo |= (u64)c << (digits * 8);
-            else
-                key.hi |= (u64)c << ((digits - 8) * 8);
-            digits++;
-            continue;
-        }
-        if (c == '+' && i == 0)
-            continue;
-        if (c == '-' || c == '.' || c == '(' || c == ')')
-            continue;
-        if (c == '@' || c == ';' || c == ' ' || c == '>' || c == '?') {
-            ended = 1;
+        step = number_byte(&key, &digits, *p, i);
+        if (step != NUMBER_MORE)
             break;
-        }
-        return 0;
     }
-    if (!ended || digits == 0)
-        return 0;
-    return emergency.lookup(&key) != NULL;
+    return step == NUMBER_END && emergency.lookup(&key) != NULL;
 }
 
 static __always_inline void mark_ipv4_ef(struct iphdr *ip) {

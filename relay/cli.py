@@ -221,7 +221,7 @@ def _stop_with_parent(parent: int) -> None:
 
 def _reload(path: str) -> int:
     """Ask the daemon (over its control socket) to reload, and print what changed."""
-    from clearip.ctl.cli import Client, DaemonDown, DaemonError
+    from clearip.ctl.client import Client, DaemonDown, DaemonError
     from clearip.relay.config import ConfigError, ProxyConfig, load_config
     from clearip.relay.service.reload import report_lines
 

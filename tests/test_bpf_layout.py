@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clearip.bpf.loader import IFACE_SLOTS, OUTCOMES, SOURCE, counter_layout
+from clearip.bpf.layout import IFACE_SLOTS, OUTCOMES, SOURCE, counter_layout
 
 
 def test_the_loader_reads_the_outcomes_and_slots_from_the_c_file() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from clearip.ctl.cli import Client
+from clearip.ctl.client import Client
 from clearip.relay.policy.trust import Role
 from lab.proxy_harness import SWITCH_IP, UNTRUSTED_IP, proxy_process, wait_for, write_config
 from lab.sipp import Sipp, clearip_scenario, free_port, sipp_uas, start_sipp, uac_scenario

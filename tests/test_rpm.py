@@ -46,6 +46,10 @@ REQUIRED_FILES = [
     "/opt/clearip-proxy/pyvenv.cfg",
     "/opt/clearip-proxy/lib/python3.11/site-packages/clearip/relay/cli.py",
     "/opt/clearip-proxy/lib/python3.11/site-packages/clearip/ctl/cli.py",
+    # The kernel programs' C sources and the header they share: bcc compiles them at run time.
+    "/opt/clearip-proxy/lib/python3.11/site-packages/clearip/bpf/xdp_filter.c",
+    "/opt/clearip-proxy/lib/python3.11/site-packages/clearip/bpf/reuseport.c",
+    "/opt/clearip-proxy/lib/python3.11/site-packages/clearip/bpf/emergency_invite.h",
     "/opt/clearip-proxy/lib/python3.11/site-packages/clearip-os-bcc.pth",
 ]
 

@@ -32,7 +32,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from clearip.bpf.steering import worker_for
-from clearip.ctl.cli import Client
+from clearip.ctl.client import Client
 from clearip.relay.config import ConfigError, ProxyConfig, cpu_workers
 from clearip.relay.config_toml import config_from_data
 from clearip.relay.proxy.latency import LatencyHistogram

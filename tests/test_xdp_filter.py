@@ -25,8 +25,11 @@ from typing import Any
 
 import pytest
 
-from clearip.bpf import loader
-from clearip.bpf.loader import EdgeFilter, FilterUnavailable, attached_programs, detach_pinned
+from clearip.bpf import attach, edge_filter
+from clearip.bpf.attach import attached_programs
+from clearip.bpf.edge_filter import EdgeFilter
+from clearip.bpf.loader import FilterUnavailable
+from clearip.bpf.pins import detach_pinned
 from clearip.relay.policy.emergency import EmergencyNumbers
 from clearip.relay.policy.sources import SourcePolicy
 from clearip.relay.policy.trust import Role, TrustEntry, TrustList, parse_cidr, save_trust_file
@@ -609,8 +612,8 @@ def test_restart_keeps_untrusted_dropped_throughout(  # noqa: PLR0917
         time.sleep(0.2)
         if upgrade:
             changed = tmp_path / "xdp_filter.c"
-            changed.write_text(loader.SOURCE.read_text() + "\n// version 2\n")
-            monkeypatch.setattr(loader, "SOURCE", changed)
+            changed.write_text(edge_filter.SOURCE.read_text() + "\n// version 2\n")
+            monkeypatch.setattr(edge_filter, "SOURCE", changed)
         edge = filters("generic")
         time.sleep(0.2)
     finally:
@@ -662,7 +665,7 @@ def test_status_notices_a_program_removed_behind_our_back(
     edge = filters("generic")
     victim = topo.proxy_ifs["trusted"]
     with topo.inside(topo.proxy_ns):
-        loader._set_xdp(victim, -1, "generic")
+        attach.set_xdp(victim, -1, "generic")
         assert edge.status()[victim] == {"mode": "generic", "attached": False}
         assert edge.status()[topo.proxy_ifs["untrusted"]]["attached"] is True
     policy = SourcePolicy(TrustList(), "/nonexistent", EmergencyNumbers())
@@ -844,13 +847,13 @@ def foreign_program(topo: Topology, ifnames: list[str]) -> Iterator[int]:
     try:
         with topo.inside(topo.proxy_ns):
             for name in ifnames:
-                bcc.BPF.attach_xdp(name.encode(), function, loader.FLAGS["generic"])
+                bcc.BPF.attach_xdp(name.encode(), function, attach.FLAGS["generic"])
         yield prog
     finally:
         with topo.inside(topo.proxy_ns):
             for name in ifnames:
                 if attached_programs(name).get("generic") == prog:
-                    bcc.BPF.remove_xdp(name.encode(), loader.FLAGS["generic"])
+                    bcc.BPF.remove_xdp(name.encode(), attach.FLAGS["generic"])
         module.cleanup()
 
 

@@ -42,7 +42,7 @@ EMERGENCY_STATE = "emergency.toml"
 
 
 class KernelFilter(Protocol):
-    """What the policy needs of the XDP filter (clearip.bpf.loader.EdgeFilter)."""
+    """What the policy needs of the XDP filter (clearip.bpf.edge_filter.EdgeFilter)."""
 
     def set_trust(self, entries: Iterable[TrustEntry]) -> None: ...
     def add_trust(self, entry: TrustEntry) -> None: ...

@@ -32,8 +32,9 @@ async def start_kernel_filter(config: ProxyConfig, policy: SourcePolicy) -> None
         return
     import socket
 
+    from clearip.bpf.edge_filter import EdgeFilter
     from clearip.bpf.interfaces import pick, read_links
-    from clearip.bpf.loader import EdgeFilter, FilterUnavailable
+    from clearip.bpf.loader import FilterUnavailable
 
     auto = xdp.interfaces == "auto"
 
