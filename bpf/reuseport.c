@@ -254,14 +254,14 @@ static __always_inline int hash_value(struct scratch *s, u32 *hash) {
 // 1 when the datagram is an INVITE to an emergency number (emergency_invite.h's parse, the
 // same as xdp_filter.c's), read from the copy below its length n.
 static __always_inline int is_emergency_invite(struct scratch *s, u32 n) {
+    struct number_key key = {};
+    u32 digits = 0;
+    int step = NUMBER_MORE;
     if (n < INVITE_PREFIX)
         return 0;
     u32 offset = invite_number_at(s->buf);
     if (!offset)
         return 0;
-    struct number_key key = {};
-    u32 digits = 0;
-    int step = NUMBER_MORE;
 #pragma unroll
     for (int i = 0; i < NUMBER_SCAN; i++) {
         u32 p = offset + i;

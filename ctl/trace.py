@@ -10,15 +10,8 @@ import sys
 import time
 from typing import Any
 
-from clearip.ctl.client import (
-    EXIT_FAILED,
-    EXIT_INVALID,
-    EXIT_NO_DAEMON,
-    EXIT_OK,
-    Client,
-    DaemonDown,
-    fail,
-)
+from clearip.ctl import client
+from clearip.ctl.client import Client, DaemonDown, fail
 
 
 def trace(args: argparse.Namespace) -> int:
@@ -29,15 +22,15 @@ def trace(args: argparse.Namespace) -> int:
         try:
             hep = HepSender(args.hep, args.hep_capture_id, args.hep_password)
         except ValueError as exc:
-            return fail(f"--hep {args.hep}: {exc}", EXIT_INVALID)
+            return fail(f"--hep {args.hep}: {exc}", client.EXIT_INVALID)
     try:
         sock, stream = Client(args.socket).stream("trace", call_id=args.call_id, number=args.number)
     except DaemonDown as exc:
-        return fail(str(exc), EXIT_NO_DAEMON)
+        return fail(str(exc), client.EXIT_NO_DAEMON)
     first = json.loads(stream.readline() or b"{}")
     if not first.get("ok"):
         sock.close()
-        return fail(str(first.get("error", "trace refused")), EXIT_FAILED)
+        return fail(str(first.get("error", "trace refused")), client.EXIT_FAILED)
     pcap = open(args.pcap, "wb") if args.pcap else None  # noqa: SIM115 - closed below
     if pcap is not None:
         pcap.write(PCAP_HEADER)
@@ -74,7 +67,7 @@ def trace(args: argparse.Namespace) -> int:
             hep.sock.close()
             failed = f" ({hep.failed} could not be sent)" if hep.failed else ""
             print(f"{hep.sent} messages sent as HEP to {args.hep}{failed}", file=sys.stderr)
-    return EXIT_OK
+    return client.EXIT_OK
 
 
 class HepSender:

@@ -287,6 +287,13 @@ class SourcePolicy:
             status["per_interface"] = per_interface()
         return status
 
+    def release_kernel(self) -> None:
+        """At exit: let go of the kernel filter's handles; the filter stays attached, so the
+        host stays protected while the relay restarts."""
+        kernel = self.kernel
+        if kernel is not None and hasattr(kernel, "close"):
+            kernel.close()
+
     def describe_kernel(self) -> str:
         """``on (eth1 native, eth2 generic)``, ``on (auto: eth1 native; eth2 skipped: why)``
         or ``off (reason)``, for status lines."""

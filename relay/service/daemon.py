@@ -389,9 +389,7 @@ class Daemon:
             await self.metrics.close()
         if self.control is not None:
             await self.control.close()
-        kernel = self.policy.kernel
-        if kernel is not None and hasattr(kernel, "close"):
-            kernel.close()  # the filter stays attached: the host stays protected
+        self.policy.release_kernel()
         self.dispatch.close()
         for link in set(self.links.values()):
             await link.close()

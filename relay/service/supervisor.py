@@ -206,9 +206,7 @@ class Supervisor:
             await self.metrics.close()
         if self.control is not None:
             await self.control.close()
-        kernel = self.policy.kernel
-        if kernel is not None and hasattr(kernel, "close"):
-            kernel.close()  # the filter stays attached: the host stays protected
+        self.policy.release_kernel()
         with contextlib.suppress(OSError):
             (self.run_dir / BASE_CONFIG).unlink()
         self.notifier.close()
