@@ -8,7 +8,8 @@ import pytest
 
 from clearip.bpf.interfaces import Link, pick
 from clearip.bpf.layout import port_words
-from clearip.relay.config import ConfigError, XdpConfig, config_from_data
+from clearip.relay.config import ConfigError, XdpConfig
+from clearip.relay.config_toml import config_from_data
 
 LO = Link("lo", 1, ethernet=False, addresses=("127.0.0.1", "::1"))
 ETH0 = Link("eth0", 2, addresses=("192.0.2.10", "2001:db8::10", "fe80::1"))
