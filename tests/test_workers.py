@@ -464,10 +464,15 @@ def _clearip_answering_cancel() -> str:
 
 
 def _clearip_slow_503(pause_ms: int) -> str:
+    """A ClearIP that answers 503 after ``pause_ms``. Like any UDP UAS (RFC 3261 §17.2.1,
+    Timer G) it retransmits its final every 500 ms until the ACK: a 503 that was in a killed
+    worker's socket queue still comes again, to a worker that is alive."""
     xml = _HEAD.format(name="clearip-slow") + '  <recv request="INVITE" crlf="true"/>\n'
     xml += _REPLY.format(code=100, reason="Trying", extra="")
     xml += f'  <pause milliseconds="{pause_ms}"/>\n'
-    xml += _REPLY.format(code=503, reason="Service Unavailable", extra="")
+    xml += _REPLY.format(code=503, reason="Service Unavailable", extra="").replace(
+        "<send>", '<send retrans="500">', 1
+    )
     return xml + '  <recv request="ACK"/>\n</scenario>\n'
 
 
