@@ -13,6 +13,12 @@ Record-Route. The TLS row is the relay alone against the project's ClearIP emula
 (SIPp has no TLS here, the Kamailio anchor no TLS upstream). Added latency comes from a
 loopback capture of INVITEs only: switch INVITE in -> INVITE out to the carrier, by Call-ID.
 CPU is user+sys of the proxy's whole process tree over the run; RSS is summed over it.
+
+CPU per call moves by up to a quarter from one 10 s run to the next on a small machine, for
+both proxies. ``--rounds N`` runs every row N times, the systems taking turns within each
+round, and prints each round's ratios and their median: the figure to compare with a target.
+The relay's TLS row is compared with Kamailio's UDP row of the same round (the anchor has no
+TLS upstream): the stricter comparison.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import argparse
 import contextlib
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,6 +52,7 @@ COLUMNS = [
     Column("p99_ms", "p99 ms", ".2f"),
 ]
 RATIO_COLUMNS = [
+    Column("round", "round"),
     Column("upstream", "upstream"),
     Column("rate", "offered/s"),
     Column("cps", "calls/s", ".2f"),
@@ -135,25 +143,47 @@ def run_one(
     }
 
 
+RATIO_KEYS = ("cps", "cpu_us_per_call", "peak_rss_mb", "p99_ms")
+
+
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """relay/Kamailio for each (upstream, rate) both systems ran."""
+    """relay/Kamailio for each (round, upstream, rate) both systems ran; the relay's TLS row
+    against Kamailio's UDP row of its round (``upstream``: ``tls/udp``)."""
     out = []
     for relay_row in rows:
         if not relay_row["system"].startswith("relay"):
             continue
+        upstream = relay_row["upstream"]
+        against = "udp" if upstream == "tls" else upstream
         for kam in rows:
             if (
                 kam["system"] == "kamailio"
-                and kam["upstream"] == relay_row["upstream"]
+                and kam["upstream"] == against
                 and kam["rate"] == relay_row["rate"]
+                and kam.get("round", 1) == relay_row.get("round", 1)
             ):
+                label = upstream if against == upstream else f"{upstream}/{against}"
                 out.append(
-                    {"upstream": relay_row["upstream"], "rate": relay_row["rate"]}
-                    | {
-                        k: rig.ratio(relay_row[k], kam[k])
-                        for k in ("cps", "cpu_us_per_call", "peak_rss_mb", "p99_ms")
-                    }
+                    {"round": relay_row.get("round", 1), "upstream": label}
+                    | {"rate": relay_row["rate"]}
+                    | {k: rig.ratio(relay_row[k], kam[k]) for k in RATIO_KEYS}
                 )
+    return out
+
+
+def median_ratios(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The median over the rounds of each ratio, per (upstream, rate)."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in table:
+        groups.setdefault((row["upstream"], row["rate"]), []).append(row)
+    out = []
+    for (upstream, rate), group in groups.items():
+        medians = {}
+        for key in RATIO_KEYS:
+            values = [r[key] for r in group if not math.isnan(r[key])]
+            medians[key] = statistics.median(values) if values else math.nan
+        label = f"median of {len(group)}"
+        out.append({"round": label, "upstream": upstream, "rate": rate} | medians)
     return out
 
 
@@ -167,20 +197,25 @@ def run(
     kamailio: bool = True,
     capture: bool = True,
     keep: bool = False,
+    rounds: int = 1,
     log: Any = print,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every requested row at one rate: relay then Kamailio per transport (TLS: relay only)."""
+    """Every requested row at one rate, ``rounds`` times: relay then Kamailio per transport
+    (TLS: relay only); each row carries its round."""
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     if kamailio and not rig.have_kamailio():
         notes.append("kamailio is not installed: side-by-side skipped (apt-get install kamailio)")
         kamailio = False
-    for upstream in upstreams:
-        systems = ["relay"] + (["kamailio"] if kamailio and upstream != "tls" else [])
-        for system in systems:
-            log(f"... {system}, {upstream} upstream, {rate} calls/s for {seconds:g} s")
-            rows.append(
-                run_one(
+    for number in range(1, rounds + 1):
+        for upstream in upstreams:
+            systems = ["relay"] + (["kamailio"] if kamailio and upstream != "tls" else [])
+            for system in systems:
+                log(
+                    f"... round {number}/{rounds}: {system}, {upstream} upstream, "
+                    f"{rate} calls/s for {seconds:g} s"
+                )
+                row = run_one(
                     system,
                     upstream,
                     rate,
@@ -190,8 +225,9 @@ def run(
                     capture=capture,
                     keep=keep,
                 )
-            )
-            time.sleep(0.5)  # let sockets of the previous run close
+                rows.append({"round": number} | row)
+                time.sleep(0.5)  # let sockets of the previous run close
+    for upstream in upstreams:
         if kamailio and upstream == "tcp":
             notes.append(
                 "kamailio tcp: the anchor relays upstream over UDP; this row runs a copy in the "
@@ -199,8 +235,8 @@ def run(
             )
     if "tls" in upstreams:
         notes.append(
-            f"tls: the ClearIP stand-in is {rig.tls_standin_name()}; no Kamailio row (the "
-            "anchor has no TLS upstream)"
+            f"tls: the ClearIP stand-in is {rig.tls_standin_name()}; no Kamailio TLS row (the "
+            "anchor has no TLS upstream): the relay's TLS row is compared with Kamailio's UDP"
         )
     return rows, notes
 
@@ -209,11 +245,17 @@ def print_results(
     rows: list[dict[str, Any]], notes: list[str], heading: str, out: Any = sys.stdout
 ) -> None:
     print(heading, file=out)
-    print(rig.format_table(rows, COLUMNS), file=out)
+    several = any(row.get("round", 1) > 1 for row in rows)
+    print(
+        rig.format_table(rows, COLUMNS + ([Column("round", "round")] if several else [])), file=out
+    )
     table = ratios(rows)
     if table:
         print("\nratio relay/kamailio (same run, same peers):", file=out)
         print(rig.format_table(table, RATIO_COLUMNS), file=out)
+        if len({r["round"] for r in table}) > 1:
+            print("\nmedian over the rounds:", file=out)
+            print(rig.format_table(median_ratios(table), RATIO_COLUMNS), file=out)
     for row in rows:
         for note in row.get("notes", []):
             print(f"note: {row['system']} {row['upstream']}: {note}", file=out)
@@ -245,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-kamailio", action="store_true", help="relay rows only")
     parser.add_argument("--no-capture", action="store_true", help="no latency capture")
     parser.add_argument("--keep", action="store_true", help="keep the pcaps in the work dir")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run every row N times, the systems taking turns; prints the median ratios",
+    )
     rig.add_common_args(parser)
     return parser
 
@@ -267,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             kamailio=not args.no_kamailio,
             capture=not args.no_capture,
             keep=args.keep,
+            rounds=max(1, args.rounds),
         )
     except rig.BenchError as exc:
         print(f"bench.calls: {exc}", file=sys.stderr)
@@ -286,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": args.seconds,
                 "rows": rows,
                 "ratios": ratios(rows),
+                "median_ratios": median_ratios(ratios(rows)),
                 "notes": notes,
                 "command": "python -m bench.calls "
                 + " ".join(sys.argv[1:] if argv is None else argv),
