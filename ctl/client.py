@@ -4,10 +4,11 @@ item); and what an answer means for clearipctl's exit status."""
 
 from __future__ import annotations
 
-import json
 import socket
 import sys
 from typing import Any, BinaryIO
+
+from clearip.relay.service.control_wire import decode_reply, encode_line
 
 DEFAULT_SOCKET = "/run/clearip-proxy/control.sock"
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_NO_DAEMON = 0, 1, 2, 3
@@ -31,7 +32,7 @@ class Client:
         try:
             sock.settimeout(10)
             sock.connect(self.path)
-            sock.sendall(json.dumps(request).encode() + b"\n")
+            sock.sendall(encode_line(request))
         except BaseException:
             sock.close()
             raise
@@ -59,11 +60,8 @@ class Client:
                     data += chunk
         except OSError as exc:
             raise self._failure(exc) from None
-        try:
-            reply = json.loads(data)
-        except ValueError:
-            reply = None
-        if not isinstance(reply, dict):
+        reply = decode_reply(data)
+        if reply is None:
             raise DaemonError(f"clearip-proxy sent no usable answer on {self.path}")
         return reply
 

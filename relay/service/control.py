@@ -54,6 +54,7 @@ from clearip.relay.policy.trust import (
     render_trust_file,
     trust_list_from_text,
 )
+from clearip.relay.service.control_wire import decode_reply, encode_line
 from clearip.relay.service.trace import Subscriber
 
 log = logging.getLogger("clearip.control")
@@ -153,7 +154,7 @@ class ControlServer:
                     await self._trace(request, reader, writer)
                     return
                 reply = await self.handle_async(request)
-                writer.write(json.dumps(reply).encode() + b"\n")
+                writer.write(encode_line(reply))
                 await writer.drain()
         except ConnectionError:
             pass
@@ -180,7 +181,7 @@ class ControlServer:
                 if getter not in done:
                     getter.cancel()
                     break
-                writer.write(json.dumps(getter.result()).encode() + b"\n")
+                writer.write(encode_line(getter.result()))
                 await writer.drain()
         finally:
             unsubscribe()
@@ -365,7 +366,7 @@ async def ask(path: str, cmd: str, *, timeout: float = 5.0, **fields: Any) -> di
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_unix_connection(path, limit=MAX_REPLY)
             try:
-                writer.write(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
+                writer.write(encode_line({"cmd": cmd, **fields}))
                 line = await reader.readline()
             finally:
                 writer.close()
@@ -375,11 +376,8 @@ async def ask(path: str, cmd: str, *, timeout: float = 5.0, **fields: Any) -> di
         raise ControlUnavailable(f"{path}: no answer to {cmd} within {timeout:g} s") from None
     except (OSError, ValueError, asyncio.LimitOverrunError) as exc:
         raise ControlUnavailable(f"{path}: {exc}") from None
-    try:
-        reply = json.loads(line)
-    except ValueError:
-        reply = None
-    if not isinstance(reply, dict):
+    reply = decode_reply(line)
+    if reply is None:
         raise ControlUnavailable(f"{path}: no usable answer to {cmd}")
     return reply
 

@@ -20,7 +20,8 @@ What the supervisor owns, and why here:
 - systemd: READY=1 once every worker is ready, WATCHDOG=1 and STATUS= with the totals;
 - the control socket (``clearipctl``) and ``/metrics``, answered from what the workers say
   over their private control sockets (``status``, ``stats``, ``snapshot``, ``trace``) at the
-  time of asking, summed by :mod:`clearip.relay.service.fleet`.
+  time of asking (:mod:`clearip.relay.service.fleet_replies`), summed by
+  :mod:`clearip.relay.service.fleet`.
 
 Degraded mode: when the steering program cannot load (no privileges, no bcc, no kernel
 headers, a pin directory off the bpf file system), one error names the reason and the fix,
@@ -45,22 +46,15 @@ from typing import TYPE_CHECKING, Any
 from clearip.relay.config import ConfigError, ProxyConfig
 from clearip.relay.policy.sources import PolicyError, SourcePolicy
 from clearip.relay.policy.trust import TrustError, write_atomically
+from clearip.relay.service import fleet_replies
 from clearip.relay.service.control import ControlServer, ControlUnavailable, then
 from clearip.relay.service.daemon import Daemon
-from clearip.relay.service.fleet import (
-    WorkerView,
-    merge_reload,
-    merge_snapshots,
-    merge_stats,
-    merge_status,
-    workers_block,
-)
+from clearip.relay.service.fleet import WorkerView, merge_reload
 from clearip.relay.service.kernel_filter import start_kernel_filter
 from clearip.relay.service.kernel_steering import (
     SteeringOff,
     load_steering,
     set_steering_emergency,
-    steering_counters,
 )
 from clearip.relay.service.logs import apply_logging
 from clearip.relay.service.metrics import MetricsServer, registry_for
@@ -294,11 +288,6 @@ class Supervisor:
     async def _poll_once(self) -> None:
         self._last = await self.link.poll_once()
 
-    def _own_counters(self) -> Counter[str]:
-        """The supervisor's counters plus those of workers that died (see
-        :meth:`WorkerLink.retire`)."""
-        return self.counters + self.link.retired
-
     def one_line_status(self) -> str:
         answers = [v.answer for v in self._last if v.answer is not None]
         calls = sum(int(a.get("active_calls", 0)) for a in answers)
@@ -315,7 +304,7 @@ class Supervisor:
         control = ControlServer(
             self.config.control_socket,
             self.policy,
-            self._own_status,
+            lambda: fleet_replies.own_status(self),
             lambda: {"relay": dict(self.counters)},
             subscribe=self.link.subscribe_trace,
         )
@@ -325,8 +314,8 @@ class Supervisor:
             control.handlers[name] = then(control.handlers[name], self.link.push_policy)
         for name in ("emergency.add", "emergency.remove"):
             control.handlers[name] = then(control.handlers[name], self._push_numbers)
-        control.handlers["status"] = lambda _: self.status()
-        control.handlers["stats"] = lambda _: self.stats()
+        control.handlers["status"] = lambda _: fleet_replies.status(self)
+        control.handlers["stats"] = lambda _: fleet_replies.stats(self)
         control.handlers["reload"] = lambda _: self.reload()
         try:
             await control.start()
@@ -339,46 +328,8 @@ class Supervisor:
         self._sync_steering()
         await self.link.push_policy()
 
-    def _own_status(self) -> dict[str, Any]:
-        return {
-            "uptime_s": round(time.time() - self.started, 1),
-            "trust_entries": len(self.policy.trust),
-            "kernel_filter": self.policy.describe_kernel(),
-            "emergency_numbers": self.policy.emergency.numbers(),
-        }
-
-    def _workers_block(self, views: list[WorkerView]) -> dict[str, Any]:
-        return workers_block(
-            self.count, views, self.steering_state, self.counters["worker_restarts"]
-        )
-
-    async def status(self) -> dict[str, Any]:
-        views = await self.link.gather("status")
-        return merge_status(views, self._own_status(), self._workers_block(views))
-
-    async def stats(self) -> dict[str, Any]:
-        views = await self.link.gather("stats")
-        return merge_stats(
-            views,
-            self._own_counters(),
-            self.policy.kernel_status(),
-            steering_counters(self.steering),
-        )
-
     async def _gather_snapshot(self) -> None:
-        views = await self.link.gather("snapshot")
-        supervisor = {
-            "trust_entries": len(self.policy.trust),
-            "kernel": self.policy.kernel_status(),
-        }
-        self._scrape = merge_snapshots(
-            views,
-            self._own_counters(),
-            supervisor,
-            self._workers_block(views),
-            steering_counters(self.steering),
-            retired_latency=self.link.retired_latency,
-        )
+        self._scrape = await fleet_replies.snapshot(self)
 
     # -- reload -------------------------------------------------------------------------------
     async def _reload_logged(self) -> None:

@@ -57,6 +57,18 @@ log = logging.getLogger("clearip.upstream")
 CONNECT_TIMEOUT = 2.0
 #: Top Via branch of our OPTIONS probes: responses to them go to the link, not to the core.
 PROBE_PREFIX = MAGIC_COOKIE + "cio"
+# Why a connection attempt failed, by its exception; the first that matches wins (each of
+# these is an OSError too). A failed handshake (TLS): ClearIP answers, but not to us.
+_FAILURE_KINDS: tuple[tuple[type[OSError], str], ...] = (
+    (ssl.SSLError, TLS),
+    (ConnectionRefusedError, REFUSED),
+    (TimeoutError, TIMEOUT),
+)
+
+
+def _failure_kind(exc: OSError) -> str:
+    """REFUSED, TLS, TIMEOUT or OTHER: what :meth:`StreamLiveness.failed` is told."""
+    return next((kind for cls, kind in _FAILURE_KINDS if isinstance(exc, cls)), OTHER)
 
 
 class UpstreamLink:
@@ -227,21 +239,11 @@ class UpstreamLink:
             peer = Peer(self.config.transport, address, self.config.port)
             try:
                 connected = await self._open(peer)
-            except ssl.SSLError as exc:  # the handshake failed: ClearIP answers, but not to us
-                kinds.add(TLS)
-                errors.append(f"{peer}: {exc}")
-                continue
-            except ConnectionRefusedError as exc:
-                kinds.add(REFUSED)
-                errors.append(f"{peer}: {exc}")
-                continue
-            except TimeoutError:
-                kinds.add(TIMEOUT)
-                errors.append(f"{peer}: no connection within {CONNECT_TIMEOUT:g} s")
-                continue
             except OSError as exc:
-                kinds.add(OTHER)
-                errors.append(f"{peer}: {exc}")
+                kind = _failure_kind(exc)
+                kinds.add(kind)
+                why = f"no connection within {CONNECT_TIMEOUT:g} s" if kind == TIMEOUT else exc
+                errors.append(f"{peer}: {why}")
                 continue
             if self._closed:
                 return
