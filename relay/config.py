@@ -23,6 +23,7 @@ from typing import Any
 from clearip.bpf.steering import MAX_WORKERS
 from clearip.relay.policy.emergency import DEFAULT_NUMBERS
 from clearip.relay.service.hep import parse_address
+from clearip.relay.sip.parser import DEFAULT_LIMITS
 from clearip.relay.sip.transaction.timers import TimerSettings
 from clearip.relay.sip.uri import SipUri, parse_uri
 from clearip.relay.transport.peer import ListenerSpec
@@ -146,7 +147,7 @@ class ProxyConfig:
     max_transactions: int = 100000
     max_connections: int = 4096
     max_connections_per_source: int = 64
-    max_message_size: int = 65536
+    max_message_size: int = DEFAULT_LIMITS.max_message_size  # the parser's bound, one default
     overload_queue_delay: float = 0.05
     invite_rate_per_source: float = 1000.0
     outbound: UpstreamConfig = field(default_factory=UpstreamConfig)
