@@ -33,6 +33,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from clearip.relay.labkit.emulator.passport import ATTESTATIONS
 from clearip.relay.labkit.emulator.rules import (
     ACTIONS,
     DEFAULT_X5U,
@@ -50,7 +51,6 @@ from clearip.relay.sip.uri import parse_uri
 # Actions that answer (what ``delay`` may do after waiting).
 ANSWERS = ("route", "verify", "divert", "pass", "block", "unknown-source")
 VERSTATS = ("TN-Validation-Passed", "TN-Validation-Failed", "No-TN-Validation")
-ATTESTATIONS = ("A", "B", "C")
 LOCATIONS = ("LN", "TN", "LPN", "RPN", "RLN")
 
 _MATCH_FIELDS = ("name", "action", "source", "dialled", "calling")

@@ -76,18 +76,6 @@ Effect = Callable[["Machine"], list[Action]]
 Transition = tuple[int, Enum, bool, Effect]
 
 
-def response_event(response: Response) -> str:
-    """``1xx``, ``2xx`` or ``3xx-6xx``; ``invalid`` (matches nothing) outside 100-699."""
-    status = response.status
-    if 100 <= status < 200:
-        return "1xx"
-    if 200 <= status < 300:
-        return "2xx"
-    if 300 <= status < 700:
-        return "3xx-6xx"
-    return "invalid"
-
-
 def _response_code(status: int) -> int:
     """The event number of a response's class (0, 1, 2), or -1 outside 100-699."""
     if 100 <= status < 700:
