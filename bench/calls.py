@@ -164,8 +164,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ):
                 label = upstream if against == upstream else f"{upstream}/{against}"
                 out.append(
-                    {"round": relay_row.get("round", 1), "upstream": label}
-                    | {"rate": relay_row["rate"]}
+                    {"round": relay_row.get("round", 1), "upstream": label, "rate": kam["rate"]}
                     | {k: rig.ratio(relay_row[k], kam[k]) for k in RATIO_KEYS}
                 )
     return out
@@ -227,12 +226,11 @@ def run(
                 )
                 rows.append({"round": number} | row)
                 time.sleep(0.5)  # let sockets of the previous run close
-    for upstream in upstreams:
-        if kamailio and upstream == "tcp":
-            notes.append(
-                "kamailio tcp: the anchor relays upstream over UDP; this row runs a copy in the "
-                "work directory with only ';transport=tcp' added to its UPSTREAM"
-            )
+    if kamailio and "tcp" in upstreams:
+        notes.append(
+            "kamailio tcp: the anchor relays upstream over UDP; this row runs a copy in the "
+            "work directory with only ';transport=tcp' added to its UPSTREAM"
+        )
     if "tls" in upstreams:
         notes.append(
             f"tls: the ClearIP stand-in is {rig.tls_standin_name()}; no Kamailio TLS row (the "
@@ -271,6 +269,16 @@ def parse_upstreams(text: str) -> list[str]:
     return items
 
 
+def rounds_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number >= 1")
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.calls",
@@ -289,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", action="store_true", help="keep the pcaps in the work dir")
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=rounds_count,
         default=1,
         metavar="N",
         help="run every row N times, the systems taking turns; prints the median ratios",
@@ -316,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             kamailio=not args.no_kamailio,
             capture=not args.no_capture,
             keep=args.keep,
-            rounds=max(1, args.rounds),
+            rounds=args.rounds,
         )
     except rig.BenchError as exc:
         print(f"bench.calls: {exc}", file=sys.stderr)
@@ -328,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} cores shared with the SIPp peers (logs in {workdir})",
     )
     if args.json:
+        table = ratios(rows)
         rig.write_json(
             args.json,
             {
@@ -335,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                 "rate": args.rate,
                 "seconds": args.seconds,
                 "rows": rows,
-                "ratios": ratios(rows),
-                "median_ratios": median_ratios(ratios(rows)),
+                "ratios": table,
+                "median_ratios": median_ratios(table),
                 "notes": notes,
                 "command": "python -m bench.calls "
                 + " ".join(sys.argv[1:] if argv is None else argv),
